@@ -1,0 +1,78 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The paper's figures from a sweep
+# Regenerates Fig 2, 5, 6, 8, 9 and Table 4 of Peebles & Xie (2023) from any results table, with the
+# paper's values (stars) drawn alongside. Point it at another sweep by editing `SWEEP_DIRS` (sweep folders
+# or a saved results CSV / Parquet), or set the environment variable `HARNESS_RESULTS` (paths joined by `:`).
+
+# %%
+import os
+
+from harness import plots, scaling
+from harness.results import load
+
+SWEEP_DIRS = ["../outputs/sweeps/demo"]
+if os.environ.get("HARNESS_RESULTS"):
+    SWEEP_DIRS = os.environ["HARNESS_RESULTS"].split(os.pathsep)
+FIG_DIR = os.environ.get("HARNESS_FIG_DIR", "figures")
+
+# %%
+df = load(SWEEP_DIRS)
+print(f"{df.cell_id.nunique()} cells, {int(df.evaluated.sum())} evaluations")
+df.drop_duplicates("cell_id")[["cell_id", "state", "step"]]
+
+# %% [markdown]
+# ## Fig 2: FID at the comparison step, bubble area = Gflops
+
+# %%
+fig = plots.fig2_bubbles(df)
+plots.save_figure(fig, FIG_DIR, "fig2_bubbles")
+
+# %% [markdown]
+# ## Fig 5: conditioning variants over training (needs more than one variant)
+
+# %%
+if df.cond.nunique() > 1:
+    fig = plots.fig5_conditioning(df)
+    plots.save_figure(fig, FIG_DIR, "fig5_conditioning")
+
+# %% [markdown]
+# ## Fig 6: FID over training, by patch size and by model size
+
+# %%
+fig = plots.fig6_training(df)
+plots.save_figure(fig, FIG_DIR, "fig6_training")
+
+# %% [markdown]
+# ## Fig 8: FID against Gflops
+# The paper's "-0.93" is the Pearson correlation of FID-50K with log10 Gflops (Table 4 gives -0.930).
+
+# %%
+print(scaling.gflops_correlation(df))
+fig = plots.fig8_gflops(df)
+plots.save_figure(fig, FIG_DIR, "fig8_gflops")
+
+# %% [markdown]
+# ## Fig 9: FID against training compute (Gflops x batch x steps x 3)
+
+# %%
+fig = plots.fig9_compute(df)
+plots.save_figure(fig, FIG_DIR, "fig9_compute")
+
+# %% [markdown]
+# ## Table 4
+
+# %%
+plots.table4(df)

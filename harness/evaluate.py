@@ -1,0 +1,205 @@
+"""Evaluation as a stage: a checkpoint becomes `evals/step_N.json`, every setting recorded beside the metrics.
+
+    python -m harness.evaluate run_dir=outputs/demo/DiT-demo-S-2_... step=300
+    python -m harness.evaluate run_dir=... step=all eval=fid10k          # every evaluation step, another preset
+    python -m harness.evaluate run_dir=... step=400000 eval.cfg_scale=1.5
+
+Samples are written shard by shard (`harness.sample`), so a killed evaluation resumes without redoing
+finished shards. A record is written atomically once the metrics exist; an existing record made with
+the same settings is returned as is, and one made with other settings is never overwritten: the new
+record then goes to `evals/step_N_<settings-hash>.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from harness import checkpoint, distributed
+from harness.config import EvalConfig, eval_steps
+from harness.runfolder import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+# The settings that change an evaluation's result; they name its samples folder and identify its record.
+EVAL_IDENTITY_KEYS = ("num_samples", "sampler", "sampling_steps", "cfg_scale", "cfg_channels",
+                      "label_sampling", "weights", "extractor", "metrics", "reference_split", "reference_npz",
+                      "seed")
+
+
+def eval_settings(cfg: Any) -> dict:
+    from harness.metrics import default_extractor
+
+    e = OmegaConf.to_container(cfg.eval, resolve=True) if isinstance(cfg.eval, DictConfig) else dict(cfg.eval)
+    e["extractor"] = e.get("extractor") or default_extractor(cfg.data.name)
+    return {k: e[k] for k in EVAL_IDENTITY_KEYS}
+
+
+def eval_hash(cfg: Any) -> str:
+    return hashlib.sha256(json.dumps(eval_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def load_cell_model(cfg: Any, run_dir: Path, step: int, weights: str, device: torch.device):
+    """(model with the checkpoint's weights, codec, latent shape) of a cell; clear errors for bad input."""
+    from harness import data, models
+    from harness.autoencoder import build_codec
+    from harness.train import build_model
+
+    path = checkpoint.ckpt_path(run_dir / "checkpoints", step)
+    if not path.exists():
+        have = checkpoint.list_steps(run_dir / "checkpoints")
+        raise FileNotFoundError(f"no checkpoint for step {step} in {run_dir / 'checkpoints'} (have steps {have})")
+    problem = checkpoint.verify(path)
+    if problem:
+        raise ValueError(f"checkpoint {path} cannot be trusted: {problem}")
+    model = build_model(cfg)
+    models.load_checkpoint(checkpoint.load(path), model, key=weights)
+    model.to(device).eval()
+    in_channels, input_size = data.model_input_shape(cfg.data)
+    return model, build_codec(cfg.data, device=device), (in_channels, input_size, input_size)
+
+
+def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
+    """Sample from the checkpoint at `step`, compute the metrics, write and return the record."""
+    from harness import metrics
+    from harness.sample import sample_to_npz
+    from harness.train import fast_path, run_dir_for
+
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    settings = eval_settings(cfg)
+    record_path = run_dir / "evals" / f"step_{step}.json"
+    existing = read_json(record_path)
+    if existing is not None:
+        if existing.get("settings_hash") == eval_hash(cfg):
+            return existing
+        record_path = run_dir / "evals" / f"step_{step}_{eval_hash(cfg)}.json"
+        existing = read_json(record_path)
+        if existing is not None:
+            return existing
+
+    env = distributed.init(cfg.device)
+    t0 = time.perf_counter()
+    model, codec, shape = load_cell_model(cfg, run_dir, step, cfg.eval.weights, env.device)
+    precision, _ = fast_path(cfg.train, env.device)
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    samples_dir = run_dir / "samples" / f"step_{step}_{eval_hash(cfg)}"
+    npz = sample_to_npz(model, codec, cfg.eval, samples_dir, shape, cfg.data.num_classes, env, autocast)
+    record = None
+    if env.is_main:
+        samples = np.load(npz)["arr_0"]
+        reference, split = reference_set(cfg)
+        m = metrics.compute_metrics(
+            samples, reference, extractor=settings["extractor"], data_name=cfg.data.name,
+            split=split, metrics=tuple(cfg.eval.metrics),
+            device="cuda" if env.device.type == "cuda" else "cpu",
+        )
+        wall_s = time.perf_counter() - t0
+        ckpt = checkpoint.load(checkpoint.ckpt_path(run_dir / "checkpoints", step))
+        record = {
+            "step": step, "images_seen": int(ckpt["images_seen"]),
+            "metrics": m["metrics"], "num_samples": int(len(samples)), "preset": cfg.eval.preset,
+            "metric_label": metrics.metric_label(settings["extractor"]),
+            **{k: settings[k] for k in EVAL_IDENTITY_KEYS if k not in ("num_samples",)},
+            "reference_stats_id": m["reference_stats_id"], "num_reference": m.get("num_reference"),
+            "data": cfg.data.name, "samples": str(npz.relative_to(run_dir)),
+            "versions": versions(), "wall_s": wall_s,
+            "gpu_hours": wall_s / 3600 * env.world_size if env.device.type == "cuda" else 0.0,
+            "warnings": m.get("warnings", []), "settings_hash": eval_hash(cfg),
+            "extractor_info": m.get("extractor_info"), "metric_settings": m.get("settings"),
+            "feature_dim": m.get("feature_dim"),
+        }
+        atomic_write_json(record_path, record)
+        if cfg.eval.save_png:
+            from harness.sample import save_pngs
+
+            save_pngs(npz, samples_dir / "png", limit=64)
+    distributed.barrier()
+    return distributed.broadcast_object(record)
+
+
+def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
+    """(reference images uint8 N x H x W x 3, split label): ADM's reference batch when given, else the data set's."""
+    from harness import metrics
+
+    if cfg.eval.reference_npz:
+        path = Path(cfg.eval.reference_npz)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"eval.reference_npz={path} does not exist; ADM's ImageNet reference batches are "
+                "VIRTUAL_imagenet256_labeled.npz / VIRTUAL_imagenet512.npz from openai/guided-diffusion's evaluations"
+            )
+        with np.load(path) as f:
+            return f["arr_0"], f"npz-{path.stem}"
+    return metrics.reference_images(cfg.data, cfg.eval.reference_split), cfg.eval.reference_split
+
+
+def evaluate_cell(cfg: Any, run_dir: str | Path | None = None) -> list[dict]:
+    """Evaluate every configured step whose checkpoint exists; each one resumable on its own."""
+    from harness.train import run_dir_for
+
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    have = set(checkpoint.list_steps(run_dir / "checkpoints"))
+    return [evaluate(cfg, s, run_dir) for s in eval_steps(cfg) if s in have]
+
+
+def versions() -> dict:
+    import torch_fidelity
+
+    import harness
+
+    return {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
+            "numpy": np.__version__, "harness": getattr(harness, "__version__", "0.1.0"),
+            "git_commit": checkpoint.git_commit()}
+
+
+def _load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The cell's resolved config with `eval=<preset>` and `eval.key=value` overrides applied."""
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = OmegaConf.merge(OmegaConf.structured(_schema()), OmegaConf.load(run_dir / "config.yaml"))
+    conf = Path(__file__).resolve().parents[1] / "conf" / "eval"
+    rest = []
+    for o in overrides:
+        if o.startswith("eval="):
+            preset = conf / f"{o.split('=', 1)[1]}.yaml"
+            if not preset.exists():
+                allowed = sorted(p.stem for p in conf.glob("*.yaml"))
+                raise ValueError(f"unknown eval preset {o.split('=', 1)[1]!r}; allowed: {allowed}")
+            cfg.eval = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(preset))
+        else:
+            rest.append(o)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+
+
+def _schema():
+    from harness.config import Config
+
+    return Config
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    kv = dict(a.split("=", 1) for a in args if a.startswith(("run_dir=", "step=")))
+    if "run_dir" not in kv:
+        raise SystemExit("usage: python -m harness.evaluate run_dir=RUN_FOLDER step=N|all [eval=PRESET] [eval.KEY=V]")
+    run_dir = Path(kv["run_dir"])
+    cfg = _load_run_config(run_dir, [a for a in args if not a.startswith(("run_dir=", "step="))])
+    step = kv.get("step", "all")
+    records = evaluate_cell(cfg, run_dir) if step == "all" else [evaluate(cfg, int(step), run_dir)]
+    for r in records:
+        if r is not None:
+            print(f"step {r['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()
+                                                     if isinstance(v, (int, float))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""Run folders -> one tidy pandas table, a row per (cell, evaluated step).
+
+The analysis reads what each run wrote (cell.json, status.json, metrics.jsonl, evals/step_N.json, see
+docs/run_folder.md), never a launcher's idea of what happened. Half-finished and failed cells load with
+their state; a cell with no evaluation yet gives one row with `evaluated=False` and empty metrics.
+
+    python -m harness.results SWEEP_DIR... --csv results.csv [--parquet results.parquet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.flops import paper_table, train_compute_gflops, train_flops
+
+SWEEP_MARKER = "sweep.json"
+CELL_FILE = "cell.json"
+EVAL_FILE_RE = re.compile(r"^step_(\d+)\.json$")
+# The extractor that reproduces the paper's TensorFlow Inception features; any other extractor's FID is
+# a different number and is labelled with the extractor's name (docs/run_folder.md).
+PAPER_EXTRACTOR = "inception-v3-compat"
+PAPER_NUM_SAMPLES = 50_000  # FID-50K (paper, Table 4)
+PAPER_GLOBAL_BATCH = 256  # paper, section 5: every cell of the grid trains with batch 256
+DIGITS_EXTRACTOR_PREFIX = "digits"
+# Metric keys of an evaluation record, in the order tables show them.
+METRICS = ("fid", "sfid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall")
+METRIC_NAMES = {
+    "fid": "FID",
+    "sfid": "sFID",
+    "isc_mean": "Inception Score",
+    "isc_std": "IS std",
+    "kid_mean": "KID",
+    "kid_std": "KID std",
+    "precision": "Precision",
+    "recall": "Recall",
+    "val_loss": "validation loss",
+}
+# Evaluation settings carried into the table: they decide whether two numbers are comparable.
+EVAL_SETTINGS = (
+    "num_samples",
+    "preset",
+    "extractor",
+    "reference_stats_id",
+    "sampler",
+    "sampling_steps",
+    "cfg_scale",
+    "cfg_channels",
+    "weights",
+    "label_sampling",
+)
+CELL_COLUMNS = (
+    "model",
+    "patch",
+    "cond",
+    "data",
+    "seed",
+    "input_size",
+    "in_channels",
+    "tokens",
+    "params",
+    "gflops",
+    "global_batch",
+    "steps",
+    "off_paper",
+    "config_hash",
+)
+COLUMNS = (
+    "sweep",
+    "cell_id",
+    *CELL_COLUMNS,
+    "state",
+    "reason",
+    "evaluated",
+    "step",
+    "images_seen",
+    "train_compute_gflops",
+    "train_flops",
+    *METRICS,
+    *EVAL_SETTINGS,
+    "val_loss",
+    "train_loss",
+    "wall_s",
+    "gpu_hours",
+    "eval_wall_s",
+    "eval_gpu_hours",
+    "run_dir",
+)
+
+
+def _read_json(path: Path) -> dict:
+    """Returns the JSON object in `path`; a clear ValueError when it is not one."""
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Returns the records of an append-only JSON-lines log; a torn last line (a killed writer) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # important: a job killed mid-write leaves half a line; the rest of the log is good
+    return records
+
+
+def is_sweep_dir(path: str | os.PathLike) -> bool:
+    """Returns True when `path` holds sweep.json or at least one run folder (a subfolder with cell.json)."""
+    path = Path(path)
+    return path.is_dir() and ((path / SWEEP_MARKER).exists() or any(path.glob(f"*/{CELL_FILE}")))
+
+
+def run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
+    """Returns the run folders of a sweep folder, sorted by name; ValueError when it is not a sweep folder."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ValueError(f"sweep folder {str(sweep_dir)!r} does not exist or is not a folder")
+    if not is_sweep_dir(sweep_dir):
+        raise ValueError(
+            f"{str(sweep_dir)!r} is not a sweep folder: it has neither {SWEEP_MARKER} nor "
+            f"run folders (subfolders with {CELL_FILE}); see docs/run_folder.md"
+        )
+    return sorted(p.parent for p in sweep_dir.glob(f"*/{CELL_FILE}"))
+
+
+def _val_loss_at(metrics: list[dict], step: int) -> float:
+    """Returns the last validation loss logged at or before `step` (NaN when none)."""
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m and m.get("step", -1) <= step]
+    return float(vals[-1]) if vals else float("nan")
+
+
+def _train_loss_at(metrics: list[dict], step: int) -> float:
+    """Returns the last training loss logged at or before `step` (NaN when none)."""
+    vals = [m["loss"] for m in metrics if "loss" in m and m.get("step", -1) <= step]
+    return float(vals[-1]) if vals else float("nan")
+
+
+def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]:
+    """Returns the table rows of one run folder: one per evaluation, or one `evaluated=False` row if none."""
+    run_dir = Path(run_dir)
+    cell = _read_json(run_dir / CELL_FILE)
+    status = _read_json(run_dir / "status.json") if (run_dir / "status.json").exists() else {}
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    base = {
+        "sweep": sweep if sweep is not None else run_dir.parent.name,
+        "cell_id": cell.get("cell_id", run_dir.name),
+        "run_dir": str(run_dir),
+    }
+    for k in CELL_COLUMNS:
+        base[k] = cell.get(k)
+    base["state"] = status.get("state", "pending")
+    base["reason"] = status.get("reason")
+    base["wall_s"] = status.get("wall_s", np.nan)
+    base["gpu_hours"] = status.get("gpu_hours", np.nan)
+
+    evals = []
+    eval_dir = run_dir / "evals"
+    if eval_dir.is_dir():
+        for p in eval_dir.iterdir():
+            if EVAL_FILE_RE.match(p.name):
+                evals.append(_read_json(p))
+    rows = []
+    for ev in sorted(evals, key=lambda e: e["step"]):
+        row = dict(base, evaluated=True, step=int(ev["step"]))
+        row["images_seen"] = ev.get("images_seen", row["step"] * (base["global_batch"] or 0))
+        for k, v in ev.get("metrics", {}).items():
+            row[k] = v
+        for k in EVAL_SETTINGS:
+            row[k] = ev.get(k)
+        row["eval_wall_s"] = ev.get("wall_s", np.nan)
+        row["eval_gpu_hours"] = ev.get("gpu_hours", np.nan)
+        rows.append(row)
+    if not rows:
+        # A pending, running or failed cell: keep it in the table so its state is visible.
+        step = int(status.get("step", 0) or 0)
+        rows.append(dict(base, evaluated=False, step=step, images_seen=step * (base["global_batch"] or 0)))
+    for row in rows:
+        row["val_loss"] = _val_loss_at(metrics, row["step"])
+        row["train_loss"] = _train_loss_at(metrics, row["step"])
+    return rows
+
+
+def _per_row(fn, gflops, global_batch, steps) -> np.ndarray:
+    """Returns fn(gflops, global_batch, steps) per row (flops takes scalars); NaN if one is missing."""
+    return np.array(
+        [
+            fn(float(g), int(b), int(s)) if not (pd.isna(g) or pd.isna(b) or pd.isna(s)) else np.nan
+            for g, b, s in zip(gflops, np.broadcast_to(global_batch, len(gflops)), steps)
+        ],
+        dtype=float,
+    )
+
+
+def load_results(sweep_dirs: str | os.PathLike | list) -> pd.DataFrame:
+    """Returns one tidy DataFrame, a row per (cell, evaluated step), from one or several sweep folders."""
+    if isinstance(sweep_dirs, (str, os.PathLike)):
+        sweep_dirs = [sweep_dirs]
+    if not sweep_dirs:
+        raise ValueError("no sweep folder given")
+    rows = []
+    for sweep_dir in sweep_dirs:
+        sweep_dir = Path(sweep_dir)
+        name = sweep_dir.name
+        if (sweep_dir / SWEEP_MARKER).exists():
+            name = _read_json(sweep_dir / SWEEP_MARKER).get("name", name)
+        for run_dir in run_dirs(sweep_dir):
+            try:
+                rows.extend(load_run(run_dir, sweep=name))
+            except (ValueError, KeyError) as e:
+                # A corrupt run folder is reported and skipped; one bad cell must not hide the others.
+                warnings.warn(f"skipping run folder {run_dir}: {e}", stacklevel=2)
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    extra = [c for c in df.columns if c not in COLUMNS]  # metrics this harness does not know yet
+    df = df[list(COLUMNS) + extra]
+    if len(df):
+        df["train_compute_gflops"] = _per_row(
+            train_compute_gflops, df["gflops"], df["global_batch"], df["step"]
+        )
+        df["train_flops"] = _per_row(train_flops, df["gflops"], df["global_batch"], df["step"])
+        df = df.sort_values(["sweep", "cell_id", "step"], kind="stable").reset_index(drop=True)
+    return df
+
+
+def format_samples(num_samples: float) -> str:
+    """Returns a sample count the way papers write it: 50000 -> '50K', 1500 -> '1.5K', 800 -> '800'."""
+    n = int(num_samples)
+    return f"{n / 1000:g}K" if n >= 1000 else str(n)
+
+
+def metric_label(metric: str, num_samples: float | None = None, extractor: str | None = None) -> str:
+    """Returns an axis label for `metric`: 'FID-50K', 'FID-5K (digits extractor)', 'validation loss'."""
+    name = METRIC_NAMES.get(metric, metric)
+    if num_samples is not None and not pd.isna(num_samples) and metric in METRICS:
+        name = f"{name}-{format_samples(num_samples)}"
+    if extractor and not pd.isna(extractor) and extractor != PAPER_EXTRACTOR and metric in METRICS:
+        short = "digits" if str(extractor).startswith(DIGITS_EXTRACTOR_PREFIX) else str(extractor)
+        name = f"{name} ({short} extractor)"
+    return name
+
+
+def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False) -> tuple[pd.DataFrame, str]:
+    """Returns (rows with `metric`, axis label); ValueError when they mix sample counts or extractors."""
+    if metric not in df.columns:
+        raise ValueError(
+            f"metric {metric!r} is not in the results table; columns with metrics: "
+            f"{[c for c in df.columns if c in METRICS or c == 'val_loss']}"
+        )
+    rows = df[df[metric].notna()]
+    if rows.empty:
+        states = dict(df.groupby("state")["cell_id"].nunique()) if "state" in df else {}
+        raise ValueError(
+            f"no cell has an evaluation with {metric!r} (cells by state: {states}); run the evaluation first"
+        )
+    if metric not in METRICS:  # losses have no sample count or extractor
+        return rows, metric_label(metric)
+    counts = sorted(rows["num_samples"].dropna().unique().tolist())
+    extractors = sorted(rows["extractor"].dropna().unique().tolist())
+    mixed = len(counts) > 1 or len(extractors) > 1
+    if mixed and not allow_mixed:
+        raise ValueError(
+            f"refusing to mix incomparable {METRIC_NAMES.get(metric, metric)} values: sample counts "
+            f"{[int(c) for c in counts]}, extractors {extractors} (fewer samples inflate FID; another "
+            f"extractor is another metric). Select one setting, e.g. df[df.num_samples == {int(counts[-1])}],"
+            f" or pass allow_mixed=True"
+        )
+    if mixed:
+        return rows, f"{METRIC_NAMES.get(metric, metric)} (mixed settings)"
+    return rows, metric_label(metric, counts[0] if counts else None, extractors[0] if extractors else None)
+
+
+def comparison_step(df: pd.DataFrame, metric: str = "fid") -> int:
+    """Returns the step where cells are compared: the latest step evaluated in at least half as many cells
+    as the best-covered step (a grid's planned length, undisturbed by a few cells stopped early)."""
+    rows = df[df[metric].notna()]
+    if rows.empty:
+        raise ValueError(f"no evaluated rows with {metric!r}")
+    counts = rows.groupby("step")["cell_id"].nunique()
+    return int(counts[counts >= counts.max() / 2].index.max())
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Writes through `write(tmp_path)` to a temp file in the same folder, fsyncs, then renames into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Writes `df` atomically as CSV or Parquet (by suffix) and returns the path."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    elif path.suffix == ".parquet":
+        _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    else:
+        raise ValueError(f"unknown table format {path.suffix!r} for {path}; allowed: '.csv', '.parquet'")
+    return path
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Returns a results table saved by `save_table` (CSV or Parquet)."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    raise ValueError(f"unknown table format {path.suffix!r} for {path}; allowed: '.csv', '.parquet'")
+
+
+def load(sources) -> pd.DataFrame:
+    """Returns the results table from sweep folders or saved tables (.csv / .parquet), in any mix."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    tables, sweeps = [], []
+    for s in sources:
+        (tables if Path(s).suffix in (".csv", ".parquet") else sweeps).append(s)
+    parts = [read_table(t) for t in tables] + ([load_results(sweeps)] if sweeps else [])
+    if not parts:
+        raise ValueError("no sweep folder or results table given")
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def paper_results() -> pd.DataFrame:
+    """Returns the paper's Table 4 at 256x256 as a results table (FID-50K, Inception, no guidance)."""
+    t = pd.DataFrame(paper_table())
+    t = t[t["resolution"] == 256]
+    steps = (t["train_steps_k"] * 1000).astype(int)
+    df = pd.DataFrame(
+        {
+            "sweep": "paper",
+            "cell_id": [
+                f"paper_DiT-{m}-{p}_{c}_{s // 1000}k"
+                for m, p, c, s in zip(t["model"], t["patch"], t["cond"], steps)
+            ],
+            "model": t["model"].to_numpy(),
+            "patch": t["patch"].to_numpy(),
+            "cond": t["cond"].to_numpy(),
+            "data": "imagenet",
+            "tokens": (32 // t["patch"]).to_numpy() ** 2,
+            "params": (t["params_m"] * 1e6).to_numpy(),
+            "gflops": t["gflops"].to_numpy(),
+            "global_batch": PAPER_GLOBAL_BATCH,
+            "steps": steps.to_numpy(),
+            "state": "finished",
+            "evaluated": True,
+            "step": steps.to_numpy(),
+            "fid": t["fid50k_no_guidance"].to_numpy(),
+            "num_samples": PAPER_NUM_SAMPLES,
+            "extractor": PAPER_EXTRACTOR,
+            "cfg_scale": 1.0,
+        }
+    )
+    df["images_seen"] = df["step"] * PAPER_GLOBAL_BATCH
+    df["train_compute_gflops"] = _per_row(train_compute_gflops, df["gflops"], PAPER_GLOBAL_BATCH, df["step"])
+    df["train_flops"] = _per_row(train_flops, df["gflops"], PAPER_GLOBAL_BATCH, df["step"])
+    return df.reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: load sweep folders, print a summary, optionally save the table."""
+    ap = argparse.ArgumentParser(prog="python -m harness.results", description=__doc__.splitlines()[0])
+    ap.add_argument("sweep_dirs", nargs="+", help="sweep folders (sweep.json and/or run folders)")
+    ap.add_argument("--csv", help="write the table as CSV here")
+    ap.add_argument("--parquet", help="write the table as Parquet here")
+    args = ap.parse_args(argv)
+    try:
+        df = load_results(args.sweep_dirs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_cells = df["cell_id"].nunique()
+    states = df.drop_duplicates("cell_id")["state"].value_counts().to_dict()
+    print(f"{len(df)} rows, {n_cells} cells, states {states}, {int(df['evaluated'].sum())} evaluations")
+    if args.csv:
+        print(f"wrote {save_table(df, args.csv)}")
+    if args.parquet:
+        print(f"wrote {save_table(df, args.parquet)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

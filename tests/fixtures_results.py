@@ -1,0 +1,182 @@
+"""Builders of fixture sweep folders (docs/run_folder.md) for the results, scaling, report, notebook tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_CSV = REPO / "analysis" / "reference" / "dit_table4.csv"
+PAPER_BATCH = 256
+PAPER_STEPS = 400_000
+TRAIN_STEPS = (50_000, 100_000, 200_000, 300_000, 400_000)
+# Invented shape of FID over training for the fixture (the paper gives only the 400K point per model):
+# FID(step) = FID_400K * (400K / step) ** CURVE_EXPONENT.
+CURVE_EXPONENT = 0.35
+
+
+def paper_rows() -> pd.DataFrame:
+    """Returns Table 4's rows at 256x256 and 400K steps: 12 adaLN-Zero models, 3 other conditionings."""
+    t = pd.read_csv(PAPER_CSV)
+    return t[(t.resolution == 256) & (t.train_steps_k * 1000 == PAPER_STEPS)].reset_index(drop=True)
+
+
+def cell_id(model: str, patch: int, cond: str, data: str, seed: int) -> str:
+    """Returns a deterministic cell id in the contract's shape: DiT-B-4_adaln_zero_digits_s0_<hash8>."""
+    key = json.dumps(
+        {"model": model, "patch": patch, "cond": cond, "data": data, "seed": seed}, sort_keys=True
+    )
+    return f"DiT-{model}-{patch}_{cond}_{data}_s{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def write_cell(
+    sweep_dir: Path, cell: dict, status: dict, evals: list[dict], metrics: list[dict] = ()
+) -> Path:
+    """Writes one run folder (cell.json, status.json, metrics.jsonl, evals/step_N.json); returns its path."""
+    run = Path(sweep_dir) / cell["cell_id"]
+    (run / "evals").mkdir(parents=True, exist_ok=True)
+    (run / "cell.json").write_text(json.dumps(cell))
+    (run / "status.json").write_text(json.dumps(status))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    for ev in evals:
+        (run / "evals" / f"step_{ev['step']}.json").write_text(json.dumps(ev))
+    return run
+
+
+def eval_record(
+    step: int,
+    fid: float,
+    batch: int,
+    num_samples: int = 50_000,
+    extractor: str = "inception-v3-compat",
+    data: str = "imagenet",
+) -> dict:
+    """Returns an evals/step_N.json record in the contract's shape."""
+    return {
+        "step": step,
+        "images_seen": step * batch,
+        "metrics": {"fid": fid, "isc_mean": 300.0 / fid, "precision": 0.7, "recall": 0.5},
+        "num_samples": num_samples,
+        "preset": f"fid{num_samples // 1000}k",
+        "sampler": "ddpm",
+        "sampling_steps": "250",
+        "cfg_scale": 1.0,
+        "cfg_channels": None,
+        "label_sampling": "uniform",
+        "weights": "ema",
+        "extractor": extractor,
+        "reference_stats_id": f"{data}_ref_{extractor}",
+        "data": data,
+        "seed": 0,
+        "versions": {"harness": "0.1.0"},
+        "wall_s": 60.0,
+        "gpu_hours": 0.5,
+        "warnings": [],
+    }
+
+
+def make_paper_sweep(
+    root: Path,
+    steps=TRAIN_STEPS,
+    num_samples: int = 50_000,
+    extractor: str = "inception-v3-compat",
+    broken: bool = False,
+) -> Path:
+    """Writes a sweep folder whose cells carry Table 4's Gflops, params and FID-50K at 400K; returns it.
+
+    Steps before 400K get the invented curve above. With `broken`, adds a failed cell with no evaluation
+    and a running cell evaluated at its first step only.
+    """
+    sweep = Path(root)
+    sweep.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for r in paper_rows().itertuples():
+        cid = cell_id(r.model, r.patch, r.cond, "imagenet", 0)
+        ids.append(cid)
+        cell = {
+            "cell_id": cid,
+            "config_hash": cid[-8:],
+            "model": r.model,
+            "patch": int(r.patch),
+            "cond": r.cond,
+            "data": "imagenet",
+            "seed": 0,
+            "input_size": 32,
+            "in_channels": 4,
+            "tokens": (32 // int(r.patch)) ** 2,
+            "params": int(r.params_m * 1e6),
+            "gflops": r.gflops,
+            "global_batch": PAPER_BATCH,
+            "steps": PAPER_STEPS,
+            "off_paper": False,
+        }
+        evals = [
+            eval_record(
+                s,
+                r.fid50k_no_guidance * (PAPER_STEPS / s) ** CURVE_EXPONENT,
+                PAPER_BATCH,
+                num_samples,
+                extractor,
+            )
+            for s in steps
+        ]
+        metrics = [
+            {
+                "step": s,
+                "images_seen": s * PAPER_BATCH,
+                "loss": 0.15,
+                "val_loss": 0.14 + 0.01 / r.gflops,
+                "wall_s": s / 10,
+            }
+            for s in steps
+        ]
+        status = {
+            "state": "finished",
+            "reason": None,
+            "attempts": 1,
+            "step": PAPER_STEPS,
+            "total_steps": PAPER_STEPS,
+            "wall_s": 3600.0,
+            "gpu_hours": 8.0,
+        }
+        write_cell(sweep, cell, status, evals, metrics)
+    if broken:
+        for state, model, n_evals in (("failed", "S", 0), ("running", "B", 1)):
+            cid = cell_id(model, 2, "adaln_zero", "imagenet", 1)
+            ids.append(cid)
+            cell = {
+                "cell_id": cid,
+                "model": model,
+                "patch": 2,
+                "cond": "adaln_zero",
+                "data": "imagenet",
+                "seed": 1,
+                "tokens": 256,
+                "params": 33_000_000,
+                "gflops": 6.06,
+                "global_batch": PAPER_BATCH,
+                "steps": PAPER_STEPS,
+            }
+            status = {
+                "state": state,
+                "reason": "CUDA out of memory" if state == "failed" else None,
+                "step": steps[0],
+                "total_steps": PAPER_STEPS,
+                "wall_s": 100.0,
+                "gpu_hours": 0.1,
+            }
+            write_cell(
+                sweep,
+                cell,
+                status,
+                [eval_record(steps[0], 150.0, PAPER_BATCH, num_samples, extractor) for _ in range(n_evals)],
+            )
+    (sweep / "sweep.json").write_text(
+        json.dumps(
+            {"name": sweep.name, "created": "2024-01-01T00:00:00", "grid": ids, "harness_version": "0.1.0"}
+        )
+    )
+    return sweep

@@ -1,0 +1,63 @@
+"""Every analysis notebook runs headless on a results fixture and writes figures; .py pairs in sync."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from fixtures_results import REPO, make_paper_sweep
+from nbclient import NotebookClient
+
+from harness.results import load_results, save_table
+
+NOTEBOOKS = sorted((REPO / "analysis").glob("*.ipynb"))
+EXPECTED = {
+    "figures": ["fig2_bubbles", "fig5_conditioning", "fig6_training", "fig8_gflops", "fig9_compute"],
+    "scaling_laws": ["law_gflops", "law_compute"],
+}
+
+
+def _ensure_kernel():
+    """Installs the venv's python3 kernelspec when a fresh clone has none (ipykernel is a dev dependency)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if "python3" not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix"], check=True)
+
+
+@pytest.fixture(scope="module")
+def results_csv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nb")
+    # A saved table exercises the CSV path of `load`; a sweep folder is covered by the report test.
+    return save_table(load_results(make_paper_sweep(root / "paper", broken=True)), root / "results.csv")
+
+
+def test_every_notebook_is_listed():
+    assert {p.stem for p in NOTEBOOKS} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_matches_its_py_pair(path):
+    py = jupytext.read(path.with_suffix(".py"))
+    nb = nbformat.read(path, as_version=4)
+    assert [c.source for c in py.cells] == [c.source for c in nb.cells]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes_and_writes_figures(path, results_csv, tmp_path, monkeypatch):
+    _ensure_kernel()
+    fig_dir = tmp_path / "figs"
+    monkeypatch.setenv("HARNESS_RESULTS", str(results_csv))
+    monkeypatch.setenv("HARNESS_FIG_DIR", str(fig_dir))
+    monkeypatch.setenv("HARNESS_RESAMPLES", "100")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    for name in EXPECTED[path.stem]:
+        for ext in ("png", "pdf"):
+            assert (fig_dir / f"{name}.{ext}").stat().st_size > 1000, name
+    assert not list(Path(path.parent).glob("figures"))  # nothing written beside the notebooks

@@ -1,0 +1,54 @@
+"""`python -m harness.report`: figures, table, fits and a Markdown page that links them."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from fixtures_results import REPO, make_paper_sweep
+
+from harness import scaling
+from harness.report import write_report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    sweep = make_paper_sweep(tmp_path_factory.mktemp("rep") / "paper", broken=True)
+    return write_report(sweep, n_resamples=100)
+
+
+def test_report_writes_figures_tables_and_fits(report):
+    out = report.parent
+    assert out.name == "report"
+    for name in ("fig2_bubbles", "fig5_conditioning", "fig6_training", "fig8_gflops", "fig9_compute"):
+        assert (out / f"{name}.png").stat().st_size > 10_000 and (out / f"{name}.pdf").exists()
+    text = report.read_text()
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        assert (out / link).exists(), link
+    fits = json.loads((out / "fits.json").read_text())
+    assert {"gflops_floor", "gflops_power", "compute_floor", "compute_power"} <= set(fits)
+    lo, hi = fits["gflops_power"]["exponent_ci"]
+    assert lo < fits["gflops_power"]["exponent"] < hi
+    assert "failed" in text and "CUDA out of memory" in text  # unfinished cells are listed
+
+
+def test_fig8_correlation_on_table4_fixture_matches_paper(report):
+    text = report.read_text()
+    row = re.search(r"\| Pearson\(FID, log10 Gflops\) \| (-?[\d.]+) \| (-?[\d.]+) \|", text)
+    ours, paper = float(row.group(1)), float(row.group(2))
+    assert ours == pytest.approx(paper) and ours == pytest.approx(scaling.PAPER_CORRELATION, abs=0.02)
+
+
+def test_digits_sweep_is_labelled_and_not_a_sweep_fails_cleanly(tmp_path):
+    sweep = make_paper_sweep(tmp_path / "digits", steps=(400_000,), num_samples=5_000, extractor="digits-cnn")
+    text = write_report(sweep, n_resamples=0).read_text()
+    assert "FID-5K (digits extractor)" in text and "not directly comparable" in text
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.report", str(tmp_path / "empty")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "not a sweep folder" in proc.stderr

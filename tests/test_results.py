@@ -1,0 +1,97 @@
+"""Results table: run folders -> one tidy row per (cell, evaluated step); bad input gives clear errors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from fixtures_results import PAPER_BATCH, PAPER_STEPS, TRAIN_STEPS, eval_record, make_paper_sweep, paper_rows
+
+from harness.flops import train_compute_gflops
+from harness.results import comparable, comparison_step, load, load_results, main, metric_label, paper_results
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return make_paper_sweep(tmp_path_factory.mktemp("r") / "paper", broken=True)
+
+
+def test_one_row_per_cell_and_step_with_compute_columns(sweep):
+    df = load_results(sweep)
+    done = df[df.state == "finished"]
+    assert len(done) == len(paper_rows()) * len(TRAIN_STEPS)
+    assert not done.duplicated(["cell_id", "step"]).any()
+    row = done[
+        (done.model == "XL") & (done.patch == 2) & (done.cond == "adaln_zero") & (done.step == PAPER_STEPS)
+    ]
+    assert row.fid.item() == pytest.approx(19.47)
+    assert row.num_samples.item() == 50_000
+    assert row.train_compute_gflops.item() == pytest.approx(
+        train_compute_gflops(118.64, PAPER_BATCH, PAPER_STEPS)
+    )
+    assert row.train_flops.item() == pytest.approx(2e9 * row.train_compute_gflops.item())
+    assert row.images_seen.item() == PAPER_STEPS * PAPER_BATCH
+    assert row.val_loss.notna().all() and row.gpu_hours.item() == 8.0
+
+
+def test_failed_and_running_cells_load_with_their_state(sweep):
+    df = load_results(sweep)
+    failed = df[df.state == "failed"]
+    assert len(failed) == 1 and not failed.evaluated.item() and np.isnan(failed.fid.item())
+    assert failed.reason.item() == "CUDA out of memory"
+    assert df[df.state == "running"].evaluated.all()
+    # The comparison step is the grid's length, not the early step the unfinished cells share.
+    assert comparison_step(df) == PAPER_STEPS
+
+
+def test_cli_writes_csv_and_parquet_round_trip(sweep, tmp_path):
+    assert main([str(sweep), "--csv", str(tmp_path / "r.csv"), "--parquet", str(tmp_path / "r.parquet")]) == 0
+    a, b = load(tmp_path / "r.csv"), load(tmp_path / "r.parquet")
+    assert len(a) == len(b) == len(load_results(sweep))
+    assert a.fid.sum() == pytest.approx(b.fid.sum())
+
+
+def test_not_a_sweep_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a sweep folder"):
+        load_results(tmp_path / "empty")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_results(tmp_path / "missing")
+    assert main([str(tmp_path / "empty")]) == 2
+
+
+def test_cells_without_evaluations_give_a_clear_message(tmp_path):
+    sweep = make_paper_sweep(tmp_path / "s", steps=(50_000,))
+    for p in sweep.glob("*/evals/*.json"):
+        p.unlink()
+    df = load_results(sweep)
+    assert len(df) == len(paper_rows()) and not df.evaluated.any()
+    with pytest.raises(ValueError, match="no cell has an evaluation"):
+        comparable(df, "fid")
+
+
+def test_mixed_sample_counts_or_extractors_refused_unless_allowed(tmp_path):
+    sweep = make_paper_sweep(tmp_path / "s", steps=(PAPER_STEPS,))
+    run = sorted(p for p in sweep.iterdir() if p.is_dir())[0]
+    (run / "evals" / "step_400000.json").write_text(
+        json.dumps(eval_record(PAPER_STEPS, 90.0, PAPER_BATCH, 5_000))
+    )
+    df = load_results(sweep)
+    with pytest.raises(ValueError, match=r"sample counts \[5000, 50000\]"):
+        comparable(df, "fid")
+    assert len(comparable(df, "fid", allow_mixed=True)[0]) == len(df)
+    df.loc[0, ["num_samples", "extractor"]] = [50_000, "digits-cnn"]
+    with pytest.raises(ValueError, match="extractors"):
+        comparable(df, "fid")
+
+
+def test_metric_labels_name_sample_count_and_extractor():
+    assert metric_label("fid", 50_000, "inception-v3-compat") == "FID-50K"
+    assert metric_label("fid", 5_000, "digits-cnn") == "FID-5K (digits extractor)"
+    assert metric_label("val_loss") == "validation loss"
+
+
+def test_paper_results_match_table4():
+    t = paper_results()
+    assert isinstance(t, pd.DataFrame) and len(t) == 17  # the 19 rows of Table 4 less the two at 512x512
+    assert t[(t.model == "XL") & (t.patch == 2) & (t.cond == "in_context")].fid.item() == pytest.approx(35.24)

@@ -1,0 +1,174 @@
+"""The trainer's contract with the scheduler: exact resume after SIGKILL, DDP equals one process, no silent NaN."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import checkpoint
+from harness.runfolder import read_json, read_jsonl
+
+TINY = [
+    "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+    "data=digits", "data.image_size=8", "patch=4", "train=demo", "train.global_batch=16",
+    "train.val_batch=32", "train.log_every=2", "train.val_every=10", "train.keep_last=100",
+    "eval=digits", "device=cpu",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # one thread: CPU kernels then reduce in a fixed order, so reruns are bitwise identical
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARNESS_NO_BAR="1", WANDB_MODE="disabled")
+    return env
+
+
+def _train_cmd(out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "harness.train", *TINY, f"out_dir={out_dir}", *extra]
+
+
+def _only_run_dir(out_dir: Path) -> Path:
+    dirs = [p for p in out_dir.iterdir() if (p / "cell.json").exists()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def _final_state(out_dir: Path, step: int) -> dict:
+    return checkpoint.load(checkpoint.ckpt_path(_only_run_dir(out_dir) / "checkpoints", step))
+
+
+def _assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a} != {b}"
+
+
+def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(tmp_path):
+    steps, every = 40, 5
+    extra = [f"train.steps={steps}", f"train.ckpt_every={every}"]
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight, *extra), check=True, env=_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    kills = 0
+    # Kill right after checkpoint 5 appears, a little after 15, and a little after 30 (mid-step or mid-write).
+    for target, delay_s in ((5, 0.0), (15, 0.05), (30, 0.13)):
+        proc = subprocess.Popen(_train_cmd(killed, *extra), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            run_dirs = [p for p in killed.glob("*/checkpoints")] if killed.exists() else []
+            if run_dirs and any(s >= target for s in checkpoint.list_steps(run_dirs[0])):
+                break
+            time.sleep(0.01)
+        time.sleep(delay_s)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the run finished before it could be killed: make it longer"
+    subprocess.run(_train_cmd(killed, *extra), check=True, env=_env(), capture_output=True)
+
+    a, b = _final_state(straight, steps), _final_state(killed, steps)
+    for key in ("model", "ema", "opt"):
+        _assert_same_tensors(a[key], b[key], key)
+    assert a["images_seen"] == b["images_seen"] == steps * 16
+    status = read_json(_only_run_dir(killed) / "status.json")
+    assert status["state"] == "finished" and status["attempts"] >= kills + 1
+    assert any(r.get("event") == "resume" for r in read_jsonl(_only_run_dir(killed) / "metrics.jsonl"))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(_train_cmd(out, "train.steps=10", "train.ckpt_every=5"), check=True, env=_env(),
+                   capture_output=True)
+    ckpts = _only_run_dir(out) / "checkpoints"
+    newest = checkpoint.ckpt_path(ckpts, 10)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    assert checkpoint.verify(newest) is not None
+    state = checkpoint.load_latest(ckpts)
+    assert state is not None and state["step"] == 5
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    extra = ["train.steps=4", "train.ckpt_every=4", "train.global_batch=16"]
+    one = tmp_path / "one"
+    subprocess.run(_train_cmd(one, *extra), check=True, env=_env(), capture_output=True)
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                "-m", "harness.train", *TINY, f"out_dir={two}", *extra]
+    r = subprocess.run(torchrun, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _final_state(one, 4)["model"], _final_state(two, 4)["model"]
+    for k in a:
+        rel = (a[k] - b[k]).norm() / max(a[k].norm(), 1e-12)
+        assert rel < 1e-5, f"{k}: relative error {rel:.2e}"
+    changed = _final_state(one, 4)["model"]
+    assert any(not torch.equal(changed[k], torch.zeros_like(changed[k])) for k in changed)
+
+
+def test_non_finite_loss_stops_the_cell_as_failed(tmp_path):
+    out = tmp_path / "nan"
+    r = subprocess.run(_train_cmd(out, "train.steps=20", "train.lr=1e30", "train.ckpt_every=20"),
+                       env=_env(), capture_output=True, text=True)
+    assert r.returncode != 0
+    status = read_json(_only_run_dir(out) / "status.json")
+    assert status["state"] == "failed" and "non-finite" in status["reason"]
+    assert checkpoint.list_steps(_only_run_dir(out) / "checkpoints") == []  # nothing NaN was saved
+
+
+def test_loss_and_val_loss_fall_on_digits(tmp_path):
+    out = tmp_path / "learn"
+    subprocess.run(_train_cmd(out, "train.steps=60", "train.ckpt_every=60", "train.val_every=20",
+                              "train.log_every=10", "model.hidden_size=64"),
+                   check=True, env=_env(), capture_output=True)
+    recs = read_jsonl(_only_run_dir(out) / "metrics.jsonl")
+    losses = [r["loss"] for r in recs if "loss" in r]
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert losses[-1] < losses[0] and vals[-1] < vals[0], (losses, vals)
+
+
+def test_bad_input_fails_before_training_and_leaves_checkpoints(tmp_path):
+    out = tmp_path / "bad"
+    subprocess.run(_train_cmd(out, "train.steps=5", "train.ckpt_every=5"), check=True, env=_env(),
+                   capture_output=True)
+    before = {p.name: p.stat().st_mtime_ns for p in (_only_run_dir(out) / "checkpoints").iterdir()}
+    for bad in (["patch=3"], ["data=imagenet256", "data.path=/no/such/folder"],
+                ["train.global_batch=15", "resources.gpus_per_node=2"]):
+        r = subprocess.run(_train_cmd(out, "train.steps=10", *bad), env=_env(), capture_output=True, text=True)
+        assert r.returncode != 0
+        assert any(word in r.stderr for word in ("patch", "folder", "divisible")), r.stderr[-2000:]
+    after = {p.name: p.stat().st_mtime_ns for p in (_only_run_dir(out) / "checkpoints").iterdir()}
+    assert before == after
+
+
+@pytest.mark.parametrize("world,per_gpu,expected", [(1, None, (16, 1)), (2, 4, (4, 2)), (4, None, (4, 1))])
+def test_batch_plan_derives_micro_batch_and_accumulation(world, per_gpu, expected):
+    from harness.train import batch_plan
+
+    assert batch_plan(16, world, per_gpu) == expected
+
+
+def test_batch_plan_rejects_indivisible():
+    from harness.train import batch_plan
+
+    with pytest.raises(ValueError, match="not divisible"):
+        batch_plan(15, 2, None)
+    with pytest.raises(ValueError, match="does not divide"):
+        batch_plan(16, 2, 3)
