@@ -57,6 +57,13 @@ def init(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def is_main_process() -> bool:
+    """True on rank 0 (or outside distributed runs); safe to call before init()."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return _from_env()[0] == 0 if "RANK" in os.environ else int(os.environ.get("SLURM_PROCID", "0")) == 0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -25,7 +25,8 @@ from harness.flops import paper_table, train_compute_gflops, train_flops
 
 SWEEP_MARKER = "sweep.json"
 CELL_FILE = "cell.json"
-EVAL_FILE_RE = re.compile(r"^step_(\d+)\.json$")
+# step_N.json, and step_N_<settings hash>.json for a later evaluation of the same step with other settings
+EVAL_FILE_RE = re.compile(r"^step_(\d+)(?:_[0-9a-f]{8})?\.json$")
 # The extractor that reproduces the paper's TensorFlow Inception features; any other extractor's FID is
 # a different number and is labelled with the extractor's name (docs/run_folder.md).
 PAPER_EXTRACTOR = "inception-v3-compat"
@@ -57,6 +58,7 @@ EVAL_SETTINGS = (
     "cfg_channels",
     "weights",
     "label_sampling",
+    "settings_hash",
 )
 CELL_COLUMNS = (
     "model",
@@ -278,6 +280,12 @@ def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False)
         return rows, metric_label(metric)
     counts = sorted(rows["num_samples"].dropna().unique().tolist())
     extractors = sorted(rows["extractor"].dropna().unique().tolist())
+    hashes = rows["settings_hash"].dropna().unique().tolist() if "settings_hash" in rows else []
+    if len(hashes) > 1 and rows.duplicated(["cell_id", "step"]).any() and not allow_mixed:
+        raise ValueError(
+            f"some (cell, step) pairs were evaluated with several settings ({sorted(hashes)}); select one, "
+            f"e.g. df[df.settings_hash == {hashes[0]!r}] or df[df.preset == 'fid50k'], or pass allow_mixed=True"
+        )
     mixed = len(counts) > 1 or len(extractors) > 1
     if mixed and not allow_mixed:
         raise ValueError(

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-STATES = ("pending", "running", "finished", "failed", "interrupted")
+STATES = ("pending", "running", "evaluating", "finished", "failed", "interrupted")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> str:

@@ -38,7 +38,7 @@ def cell_status(run_dir: Path, now: float | None = None) -> dict:
     eta_s = None
     if status.get("state") == "running" and last.get("images_per_s") and total:
         eta_s = (total - step) * facts.get("global_batch", 1) / last["images_per_s"]
-    fid = next((e for e in reversed(evals) if "fid" in e.get("metrics", {})), None)
+    fid = next((e for e in reversed(evals) if isinstance(e.get("metrics"), dict) and "fid" in e["metrics"]), None)
     return {
         "cell_id": run_dir.name, "state": status.get("state", "pending"), "reason": status.get("reason"),
         "step": step, "total_steps": total, "loss": last.get("loss"),

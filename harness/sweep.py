@@ -26,6 +26,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, open_dict
 
 from harness import config as hconfig
+from harness import distributed
 from harness.runfolder import atomic_write_json, read_json, read_status
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,19 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 # Training images/s of one GPU per paper-convention Gflop of the model, i.e. images/s x gflops.
-# Filled from measured benchmarks (docs/benchmarks.md); used only to estimate GPU-hours in the plan.
-# Default: the fast-DiT A100 figure (107.5 images/s for XL/2 at 118.64 Gflops) until a GPU bench replaces it.
-GPU_IMAGE_GFLOPS_PER_S = 107.5 * 118.64
+# Used only to estimate GPU-hours in the plan. Read from conf/throughput.yaml (plan_device's figure, written
+# by `python -m harness.bench train --record` on a GPU; docs/benchmarks.md); until a GPU has been
+# recorded, the fast-DiT A100 figure (107.5 images/s for XL/2 at 118.64 Gflops).
+FAST_DIT_A100_IMAGE_GFLOPS_PER_S = 107.5 * 118.64
+
+
+def _gpu_image_gflops_per_s() -> float:
+    from harness.bench import recorded_image_gflops_per_s
+
+    return recorded_image_gflops_per_s() or FAST_DIT_A100_IMAGE_GFLOPS_PER_S
+
+
+GPU_IMAGE_GFLOPS_PER_S = _gpu_image_gflops_per_s()
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -103,7 +114,7 @@ def cell_done(cfg: Any) -> bool:
     from harness.train import run_dir_for
 
     run_dir = run_dir_for(cfg)
-    if read_status(run_dir).get("state") != "finished":
+    if read_status(run_dir).get("state") != "finished":  # "evaluating" is not done: its evals resume
         return False
     if cfg.stage == "train":
         return True
@@ -160,14 +171,16 @@ class GridSweep:
         _record_sweep(sweep_dir, self.config, ids)
         todo = [(o, c, r) for (o, c), r in zip(cfgs, rows) if r["cell_id"] not in done]
         returns: list[JobReturn] = []
+        launched = []  # the cells in launch order (grouped by resources), which `returns` follows
         for res_key, group in _group_by_resources(todo).items():
             self._apply_resources(dict(res_key))
             overrides = [o for o, _, _ in group]
             log.info("launching %d cell(s) with %s", len(group), dict(res_key))
             returns += list(self.launcher.launch(overrides, initial_job_idx=len(returns)))
+            launched += group
 
         failed = []
-        for (_, _, r), ret in zip(todo, returns):
+        for (_, _, r), ret in zip(launched, returns):
             value = None
             if ret.status == JobStatus.COMPLETED:
                 value = ret.return_value
@@ -226,6 +239,9 @@ def _write_report(sweep_dir: Path) -> None:
 def _compact_error(e: Exception) -> str:
     """Hydra's composition error in one line: what was wrong and, for a missing option, what is allowed."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # Hydra keeps the reason of a bad override (wrong type, unknown key) in the chained OmegaConf error.
+    cause = [ln.strip() for ln in str(e.__cause__ or "").splitlines() if ln.strip()][:1]
+    lines += [ln for ln in cause if ln not in lines]
     if not lines:
         return type(e).__name__
     if "Available options" in str(e):
@@ -256,7 +272,12 @@ def run_cell(cfg: DictConfig) -> dict:
         if cfg.stage in ("all", "eval"):
             from harness.evaluate import evaluate_cell
 
+            main = distributed.is_main_process()
+            if main:
+                update_status(run_dir, state="evaluating")
             result["evals"] = evaluate_cell(cfg)
+            if main:
+                update_status(run_dir, state="finished")
         return result
     except Preempted:
         raise  # submitit requeues the job; the next attempt resumes from the checkpoint
@@ -264,9 +285,10 @@ def run_cell(cfg: DictConfig) -> dict:
         log.exception("cell %s failed", run_dir.name)
         reason = f"{type(e).__name__}: {_first_line(e)}"
         try:
-            if not run_dir.exists():
-                prepare_run_dir(cfg)
-            update_status(run_dir, state="failed", reason=reason)
+            if distributed.is_main_process():
+                if not run_dir.exists():
+                    prepare_run_dir(cfg)
+                update_status(run_dir, state="failed", reason=reason)
         except Exception:  # noqa: BLE001
             log.exception("could not record the failure of %s", run_dir)
         return {"run_dir": str(run_dir), "state": "failed", "reason": reason}

@@ -1,0 +1,243 @@
+"""Evaluation as a stage: train -> evaluate round trip, kill and resume, records never overwritten,
+bad input with clear messages, and the presets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+
+from harness import checkpoint, evaluate, metrics, models
+
+TINY = [
+    "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+    "data=digits", "data.image_size=8", "patch=4", "train=demo", "train.global_batch=16",
+    "train.val_batch=32", "train.log_every=2", "train.val_every=10", "train.keep_last=100",
+    "eval=digits", "device=cpu",
+]
+STEPS = 4
+# 48 samples in 12 shards of 4, 100 sampler steps: long enough to be killed between shards
+EVAL = ["eval.num_samples=48", "eval.sampling_steps=100", "eval.shard_size=4", "eval.batch_size=4",
+        "eval.metrics=[fid,isc,kid,prc]"]
+NUM_SHARDS = 12
+QUICK = ["eval.num_samples=8", "eval.sampling_steps=5", "eval.shard_size=8", "eval.batch_size=8",
+         "eval.metrics=[fid]"]
+# docs/run_folder.md, evals/step_N.json
+SCHEMA_KEYS = {"step", "images_seen", "metrics", "num_samples", "preset", "sampler", "sampling_steps",
+               "cfg_scale", "cfg_channels", "label_sampling", "weights", "extractor", "reference_stats_id",
+               "data", "seed", "versions", "wall_s", "gpu_hours", "warnings"}
+METRIC_KEYS = {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall"}
+SHARD_LINE = re.compile(r"shard (\d+) \[\d+, \d+\) (kept|sampled)")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One HARNESS_CACHE for the module, so the digits extractor trains once."""
+    return tmp_path_factory.mktemp("harness_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(cache))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # in-process sampling computes as the one-thread subprocesses do
+    yield
+    torch.set_num_threads(before)
+
+
+def _env(cache: Path) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARNESS_NO_BAR="1", WANDB_MODE="disabled",
+               HARNESS_CACHE=str(cache))
+    return env
+
+
+def _evaluate_cmd(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "harness.evaluate", f"run_dir={run}", f"step={STEPS}", *EVAL, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache) -> Path:
+    """A tiny digits cell trained by `python -m harness.train` to STEPS, checkpoints at 2 and 4."""
+    out = tmp_path_factory.mktemp("eval_runs")
+    cmd = [sys.executable, "-m", "harness.train", *TINY, f"out_dir={out}", f"train.steps={STEPS}",
+           "train.ckpt_every=2"]
+    subprocess.run(cmd, check=True, env=_env(cache), capture_output=True, timeout=300)
+    (run,) = [p for p in out.iterdir() if (p / "cell.json").exists()]
+    assert checkpoint.list_steps(run / "checkpoints") == [2, STEPS]
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight(trained, cache) -> dict:
+    """The uninterrupted evaluation of the trained cell: its record, samples and stderr."""
+    r = subprocess.run(_evaluate_cmd(trained), env=_env(cache), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((trained / "evals" / f"step_{STEPS}.json").read_text())
+    with np.load(trained / record["samples"]) as f:
+        samples = {k: f[k] for k in f.files}
+    return {"record": record, "samples": samples, "stderr": r.stderr, "stdout": r.stdout}
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    """A copy of the run folder with its checkpoints but without evaluations or samples."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("evals", "samples"))
+    return dest
+
+
+def test_train_evaluate_round_trip_record_has_every_schema_field(trained, straight):
+    rec = straight["record"]
+    assert rec.keys() >= SCHEMA_KEYS, SCHEMA_KEYS - rec.keys()
+    assert set(rec["metrics"]) == METRIC_KEYS and all(np.isfinite(v) for v in rec["metrics"].values())
+    assert rec["metrics_requested"] == ["fid", "isc", "kid", "prc"]
+    assert {"torch", "torch_fidelity", "harness"} <= rec["versions"].keys()
+    assert rec["step"] == STEPS and rec["images_seen"] == STEPS * 16
+    assert (rec["num_samples"], rec["preset"], rec["data"]) == (48, "digits", "digits")
+    assert (rec["sampler"], rec["sampling_steps"]) == ("ddpm", "100")
+    assert (rec["cfg_scale"], rec["cfg_channels"]) == (1.0, None)
+    assert (rec["label_sampling"], rec["weights"], rec["seed"]) == ("uniform", "ema", 0)
+    assert rec["extractor"] == metrics.DIGITS_EXTRACTOR and rec["metric_label"] == "FID (digits extractor)"
+    assert rec["reference_stats_id"].startswith("digits_test_8_digits-cnn_")
+    assert rec["wall_s"] > 0 and rec["gpu_hours"] == 0.0  # CPU: no GPU-hours
+    # 48 samples < 64 feature dimensions: warned loudly on stderr and written into the record
+    assert any("fewer images than feature dimensions" in w for w in rec["warnings"])
+    assert "fewer images than feature dimensions" in straight["stderr"]
+    arr = straight["samples"]["arr_0"]
+    assert arr.shape == (48, 8, 8, 3) and arr.dtype == np.uint8
+    assert f"step {STEPS}: " in straight["stdout"] and "fid=" in straight["stdout"]
+
+
+def test_killed_evaluation_resumes_without_redoing_finished_shards(trained, straight, cache, tmp_path,
+                                                                   caplog):
+    run = _copy_run(trained, tmp_path / "run")
+    proc = subprocess.Popen(_evaluate_cmd(run), env=_env(cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if list(run.glob("samples/*/shard_*.npz")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it could be killed"
+    finished = {int(p.stem.split("_")[1]) for p in run.glob("samples/*/shard_*.npz")}
+    assert 1 <= len(finished) < NUM_SHARDS and not list(run.glob("samples/*/samples.npz"))
+    assert not (run / "evals").exists()  # no partial record
+
+    # the rerun in this process (as `python -m harness.evaluate` would run it, minus the start-up time)
+    with caplog.at_level(logging.INFO, logger="harness.sample"), pytest.warns(UserWarning, match="fewer"):
+        evaluate.main([f"run_dir={run}", f"step={STEPS}", *EVAL])
+    lines = SHARD_LINE.findall(caplog.text)
+    kept = {int(k) for k, how in lines if how == "kept"}
+    sampled = {int(k) for k, how in lines if how == "sampled"}
+    assert kept == finished and sampled == set(range(NUM_SHARDS)) - finished
+
+    record = json.loads((run / "evals" / f"step_{STEPS}.json").read_text())
+    with np.load(run / record["samples"]) as f:
+        assert np.array_equal(f["arr_0"], straight["samples"]["arr_0"])
+        assert np.array_equal(f["labels"], straight["samples"]["labels"])
+    assert record["metrics"] == straight["record"]["metrics"]  # the same FID, bit for bit
+    assert not list(run.glob("samples/*/.shard_*"))  # no torn temp files left behind
+
+
+def test_same_settings_reuse_the_record_other_settings_go_beside_it(trained, straight):
+    record_path = trained / "evals" / f"step_{STEPS}.json"
+    before = record_path.read_bytes(), record_path.stat().st_mtime_ns
+    cfg = evaluate.load_run_config(trained, EVAL)
+    assert evaluate.evaluate(cfg, STEPS, trained) == straight["record"]
+
+    other = evaluate.load_run_config(trained, [*QUICK, "eval.seed=1"])
+    with pytest.warns(UserWarning, match="fewer images than feature dimensions"):
+        rec = evaluate.evaluate(other, STEPS, trained)
+    beside = trained / "evals" / f"step_{STEPS}_{evaluate.eval_hash(other)}.json"
+    assert json.loads(beside.read_text()) == rec and rec["num_samples"] == 8 and rec["seed"] == 1
+    assert (record_path.read_bytes(), record_path.stat().st_mtime_ns) == before  # kept as it was
+
+
+def test_bad_input_gets_a_clear_message_and_writes_nothing(trained, tmp_path, monkeypatch):
+    run = _copy_run(trained, tmp_path / "run")
+    # a checkpoint of another architecture (width 64, not 32) and a truncated one
+    other = models.build("demo-S", 4, input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=64,
+                         num_heads=2)
+    checkpoint.save(run / "checkpoints", 6, {"model": other.state_dict(), "ema": other.state_dict(),
+                                             "step": 6, "images_seen": 96})
+    good = checkpoint.ckpt_path(run / "checkpoints", 2)
+    good.write_bytes(good.read_bytes()[:1000])
+    cfg = evaluate.load_run_config(run, QUICK)
+
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 3 .*have steps \[2, 4, 6\]"):
+        evaluate.evaluate(cfg, 3, run)
+    with pytest.raises(ValueError, match=r"does not match the model architecture.*shape mismatch"):
+        evaluate.evaluate(cfg, 6, run)
+    with pytest.raises(ValueError, match=r"cannot be trusted: checksum mismatch"):
+        evaluate.evaluate(cfg, 2, run)
+    with pytest.raises(ValueError, match=r"eval.sampler='euler' is not one of \['ddpm', 'ddim'\]"):
+        evaluate.evaluate(evaluate.load_run_config(run, [*QUICK, "eval.sampler=euler"]), STEPS, run)
+    with pytest.raises(ValueError, match=r"unknown eval preset 'fid1k'; allowed: .*'fid50k'"):
+        evaluate.load_run_config(run, ["eval=fid1k"])
+
+    # Inception weights missing and no network: says what to fetch and where, before any sampling
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)  # the network, not the code under test
+    inception = evaluate.load_run_config(run, [*QUICK, f"eval.extractor={metrics.INCEPTION_EXTRACTOR}"])
+    with pytest.raises(metrics.MissingWeightsError) as err:
+        evaluate.evaluate(inception, STEPS, run)
+    assert str(metrics.inception_weights_path()) in str(err.value)
+    assert str(tmp_path / "torch_home") in str(err.value)
+
+    assert not (run / "evals").exists() and not (run / "samples").exists()
+
+
+def test_stage_cli_evaluates_the_configured_steps_each_resumable(trained, tmp_path, capsys):
+    run = _copy_run(trained, tmp_path / "run")
+    args = [f"run_dir={run}", "step=all", "eval.at_steps=[2,4]", *QUICK]
+    with pytest.warns(UserWarning, match="fewer images"):
+        evaluate.main(args)
+    out = capsys.readouterr().out
+    assert "step 2: fid=" in out and "step 4: fid=" in out
+    records = {p.name: p.stat().st_mtime_ns for p in (run / "evals").iterdir()}
+    assert set(records) == {"step_2.json", "step_4.json"}
+    evaluate.main(args)  # both done: nothing sampled or written again
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "evals").iterdir()} == records
+    assert "step 2: fid=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset,num_samples", [("fid50k", 50_000), ("fid10k", 10_000), ("fid5k", 5_000),
+                                                ("digits", 500)])
+def test_presets_are_named_and_carry_their_sample_count(trained, preset, num_samples):
+    cfg = evaluate.load_run_config(trained, [f"eval={preset}"])
+    assert (cfg.eval.preset, cfg.eval.num_samples, cfg.eval.sampler) == (preset, num_samples, "ddpm")
+    assert (cfg.eval.cfg_scale, cfg.eval.label_sampling) == (1.0, "uniform")
+    if preset != "digits":  # the paper's protocol: 250 DDPM steps, no guidance
+        assert cfg.eval.sampling_steps == "250"
+    assert evaluate.eval_settings(cfg)["num_samples"] == num_samples  # part of the record's identity
+
+
+def test_fid50k_is_the_default_for_imagenet():
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import EvalConfig
+    from harness.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["data=imagenet256"])
+    assert (cfg.eval.preset, cfg.eval.num_samples, cfg.eval.sampling_steps) == ("fid50k", 50_000, "250")
+    assert (cfg.eval.cfg_scale, cfg.eval.sampler, cfg.eval.label_sampling) == (1.0, "ddpm", "uniform")
+    default = EvalConfig()
+    assert (default.preset, default.num_samples, default.sampling_steps) == ("fid50k", 50_000, "250")

@@ -1,0 +1,276 @@
+"""The grid sweep on the local launcher (`python -m harness.sweep -m ...`): the plan, idempotent relaunch and
+extension, failed cells, every kind of bad input rejected before anything exists, and the status CLI.
+
+A sweep that trains runs as a subprocess from the repository root, as a user runs it. Runs that must do
+nothing (bad input, plan=true, relaunching a finished grid) go through the same Hydra entry point
+(`harness.sweep.main`) in this process: a process each would only add start-up time.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import checkpoint, flops, status, sweep
+from harness.runfolder import read_json, read_jsonl, update_status
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_TIMEOUT_S = 300  # a hung sweep fails the test instead of the CI job
+STEPS = 10
+CKPT_EVERY = 5
+# A cell a shared 2-core CPU trains in seconds: a 1-block DiT on 8x8 digits, FID (digits extractor) from
+# 20 samples. Off-paper and tiny on purpose: these tests check the sweep's bookkeeping, not the numbers.
+TINY_CELL = [
+    "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.image_size=8",
+    "train=demo", "train.global_batch=16", f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}",
+    "train.log_every=5", "train.val_every=5", "eval=digits", "eval.num_samples=20", "eval.sampling_steps=5",
+    f"eval.at_steps=[{STEPS}]", "eval.batch_size=20", "eval.shard_size=20", "device=cpu", "report=false",
+]
+CELL_ID = re.compile(r"^(DiT-demo-S-(\d)_adaln_zero_digits_s0_[0-9a-f]{8})\s")
+NAN_LR = "1e30"  # weights jump to ~1e30 after one AdamW step: the loss is NaN by the first logged step
+
+
+@pytest.fixture(scope="module")
+def harness_env(tmp_path_factory):
+    """Environment of the sweep subprocesses: a cache shared by the session (the digits extractor trains
+    once), no progress bars."""
+    cache = tmp_path_factory.getbasetemp() / "harness_cache"
+    return {**os.environ, "HARNESS_CACHE": str(cache), "HARNESS_NO_BAR": "1"}
+
+
+def run_sweep(env, out_dir, *overrides):
+    """Runs the sweep to completion; returns the CompletedProcess (text stdout and stderr)."""
+    cmd = [sys.executable, "-m", "harness.sweep", "-m", *TINY_CELL, *overrides, f"out_dir={out_dir}"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+
+
+def sweep_in_process(monkeypatch, out_dir, *overrides):
+    """Runs harness.sweep's Hydra entry point in this process; returns its exit code."""
+    monkeypatch.setattr(sys, "argv", ["harness.sweep", "-m", *TINY_CELL, *overrides, f"out_dir={out_dir}"])
+    try:
+        sweep.main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def plan_ids(stdout):
+    """{patch: cell id} of the plan's rows."""
+    return {int(m.group(2)): m.group(1) for line in stdout.splitlines() if (m := CELL_ID.match(line))}
+
+
+def snapshot(run_dir):
+    """What a relaunch must leave untouched: the training log and the attempts count."""
+    return (run_dir / "metrics.jsonl").read_bytes(), read_json(run_dir / "status.json")["attempts"]
+
+
+def assert_finished(run_dir, attempts):
+    st = read_json(run_dir / "status.json")
+    assert (st["state"], st["step"], st["attempts"]) == ("finished", STEPS, attempts), st
+    assert STEPS in checkpoint.list_steps(run_dir / "checkpoints")
+    record = read_json(run_dir / "evals" / f"step_{STEPS}.json")
+    assert record is not None, f"no evals/step_{STEPS}.json in {run_dir}"
+    assert record["step"] == STEPS and record["num_samples"] == 20
+    assert math.isfinite(record["metrics"]["fid"]), record["metrics"]
+
+
+def fake_kill_after_first_checkpoint(run_dir):
+    """Leaves `run_dir` as a kill just before the last checkpoint would: newest checkpoint at CKPT_EVERY,
+    state running, no evaluation."""
+    for step in checkpoint.list_steps(run_dir / "checkpoints"):
+        if step > CKPT_EVERY:
+            path = checkpoint.ckpt_path(run_dir / "checkpoints", step)
+            for p in path.parent.glob(f"{path.stem}.*"):
+                p.unlink()
+    assert checkpoint.list_steps(run_dir / "checkpoints") == [CKPT_EVERY]
+    for folder in ("evals", "samples"):
+        for p in sorted((run_dir / folder).rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+    kept = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("step", 0) <= CKPT_EVERY]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    update_status(run_dir, state="running", step=CKPT_EVERY)
+
+
+def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, harness_env, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+
+    assert sweep_in_process(monkeypatch, out, "patch=4,8", "plan=true") == 0
+    plan = capsys.readouterr().out
+    ids = plan_ids(plan)
+    assert sorted(ids) == [4, 8]
+    assert "2 cells, 2 to run; estimated GPU-hours" in plan
+    for head in ("params", "Gflops", "train Gflops", "GPU-h"):
+        assert head in plan
+    assert not out.exists(), "plan=true must create nothing"
+
+    first = run_sweep(harness_env, out, "patch=4,8")
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in out.iterdir() if (p / "cell.json").exists()) == sorted(ids.values())
+    for cid in ids.values():
+        assert_finished(out / cid, attempts=1)
+    assert sorted(read_json(out / "sweep.json")["grid"]) == sorted(ids.values())
+    before = {cid: snapshot(out / cid) for cid in ids.values()}
+
+    assert sweep_in_process(monkeypatch, out, "patch=4,8") == 0
+    assert "2 already done, 0 run now" in capsys.readouterr().out
+    assert {cid: snapshot(out / cid) for cid in ids.values()} == before, "a finished cell was run again"
+
+    # Half-finished (patch 8 killed after its first checkpoint) and extended by a new cell (patch 2).
+    fake_kill_after_first_checkpoint(out / ids[8])
+    extended = run_sweep(harness_env, out, "patch=2,4,8")
+    assert extended.returncode == 0, extended.stderr
+    new_id = plan_ids(extended.stdout)[2]
+    assert new_id not in ids.values()
+    assert "3 cells, 1 already done, 2 run now" in extended.stdout
+    assert snapshot(out / ids[4]) == before[ids[4]], "the finished cell was touched"
+    assert_finished(out / new_id, attempts=1)
+    assert_finished(out / ids[8], attempts=2)
+    resumes = [r for r in read_jsonl(out / ids[8] / "metrics.jsonl") if r.get("event") == "resume"]
+    assert resumes == [{"event": "resume", "step": CKPT_EVERY}], "must resume from its checkpoint, not step 0"
+    trained = [r["step"] for r in read_jsonl(out / ids[8] / "metrics.jsonl") if "loss" in r]
+    assert trained == list(range(5, STEPS + 1, 5)), "steps up to the checkpoint must not be trained twice"
+
+    done = {cid: snapshot(out / cid) for cid in [*ids.values(), new_id]}
+    assert sweep_in_process(monkeypatch, out, "patch=2,4,8") == 0
+    assert "3 already done, 0 run now" in capsys.readouterr().out
+    assert {cid: snapshot(out / cid) for cid in done} == done
+
+
+def gpu_hours_between_patches(fine, coarse):
+    """A GPU-hours-per-job limit between the estimates of the patch-`fine` and patch-`coarse` tiny cells,
+    so the sweep gives them different resources (two launch groups)."""
+    def hours(patch):
+        cost = flops.model_cost("demo-S", patch, "adaln_zero", input_size=8, in_channels=1, num_classes=10,
+                                depth=1, hidden_size=32, num_heads=2)
+        return sweep.estimate_gpu_hours(cost["gflops"], 16, STEPS)
+
+    assert hours(fine) > hours(coarse)
+    return math.sqrt(hours(fine) * hours(coarse))
+
+
+@pytest.fixture(scope="module")
+def failed_sweep(tmp_path_factory, harness_env):
+    """A sweep of two NaN cells and two good ones, launched in two resource groups (patch 2 gets two GPUs,
+    patch 8 one) so the launch order differs from the grid order; returns (out_dir, CompletedProcess)."""
+    out = tmp_path_factory.mktemp("failed") / "sweep"
+    limit = gpu_hours_between_patches(2, 8)
+    result = run_sweep(harness_env, out, f"train.lr={NAN_LR},0.001", "patch=2,8", "resources.max_gpus=2",
+                       f"resources.gpu_hours_per_gpu_job_max={limit!r}")
+    return out, result
+
+
+def test_failed_cells_record_their_reason_and_the_others_finish(failed_sweep):
+    out, result = failed_sweep
+    assert result.returncode == 1, result.stderr
+    cells = {p.name: read_json(p / "status.json") for p in out.iterdir() if (p / "cell.json").exists()}
+    assert len(cells) == 4
+    failed = {cid for cid, st in cells.items() if st["state"] == "failed"}
+    finished = {cid for cid, st in cells.items() if st["state"] == "finished"}
+    assert len(failed) == 2 and len(finished) == 2, cells
+    for cid in failed:
+        assert "non-finite loss" in cells[cid]["reason"]
+        assert read_json(out / cid / "cell.json")["cell_id"] == cid
+    for cid in finished:
+        assert_finished(out / cid, attempts=1)
+    # The exit message names exactly the failed cells, whatever order the launch groups ran in.
+    message = result.stderr[result.stderr.index("2 cell(s) failed"):]
+    named = set(re.findall(r"^\s+- (DiT-\S+): ", message, flags=re.M))
+    assert named == failed, message
+    assert (result.stdout + result.stderr).count("launching 2 cell(s) with") == 2, "expected two launch groups"
+
+
+def test_status_cli_reads_the_run_folders(failed_sweep, capsys):
+    out, _ = failed_sweep
+    assert status.main([str(out), "--json"]) == 0
+    rows = {r["cell_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert len(rows) == 4
+    states = sorted(r["state"] for r in rows.values())
+    assert states == ["failed", "failed", "finished", "finished"]
+    for r in rows.values():
+        assert r["attempts"] == 1
+        if r["state"] == "finished":
+            assert (r["step"], r["total_steps"], r["evals"]) == (STEPS, STEPS, 1)
+            assert math.isfinite(r["fid"]) and r["fid_label"] == "FID (digits extractor)"
+        else:
+            assert r["fid"] is None and "non-finite loss" in r["reason"]
+
+    assert status.main([str(out)]) == 0
+    table = capsys.readouterr().out
+    for cid in rows:
+        assert cid in table
+    assert table.count("reason: TrainingFailed: non-finite loss") == 2
+    assert table.rstrip().endswith("2 failed, 2 finished")
+
+
+def test_status_cli_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    assert status.main([str(tmp_path)]) == 2
+    assert "is not a sweep folder" in capsys.readouterr().out
+    assert status.main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().out
+
+
+# ---- bad input: rejected before any folder is created or any job submitted ----
+
+# Each case sweeps the bad value beside a good one: the good cell must not run either.
+BAD_INPUT = {
+    "unknown model": (["model=demo-S,Q"], "Could not find 'model/Q'; allowed: B, L, S, XL, demo-B, demo-S"),
+    "patch 3": (["patch=4,3"], "unknown patch 3; allowed: 2, 4, 8"),
+    "patch not dividing the input": (["data=synthetic", "data.image_size=64,48", "patch=4"],
+                                     "patch 4 does not divide input_size 6; patches that do: [2]"),
+    "heads not dividing the width": (["model.num_heads=2,3"], "num_heads 3 does not divide hidden_size 32"),
+    "unknown cond": (["cond=adaln_zero,film"], "unknown cond 'film'; allowed: in_context, cross_attn, adaln"),
+    "unknown key": (["+train.warmup=0,1"], "unknown key train.warmup; allowed: steps, global_batch"),
+    "misspelled key": (["train.step=10,20"], "Could not override 'train.step'. To append to your config use "
+                                            "+train.step=10 Key 'step' not in 'TrainConfig'"),
+    "negative steps": ([f"train.steps={STEPS},-5"], "train.steps=-5 must be positive"),
+    "eval step beyond training": ([f"eval.at_steps=[{STEPS}],[{STEPS + 1}]"],
+                                  f"eval.at_steps contains {STEPS + 1}: evaluation steps must lie in 1..train"),
+    "unknown data set option": (["data=digits,cifar"], "Could not find 'data/cifar'; allowed: digits"),
+    "unknown data set name": (["data.name=digits,cifar"], "unknown data set 'cifar'; allowed: digits"),
+    "missing data path": (["data=digits,latents256"], "data.path is required for 'latents' (got None)"),
+    "data path that does not exist": (["data=digits,latents256", "data.path=/nonexistent/shards"],
+                                      "latents folder '/nonexistent/shards' does not exist"),
+    "GPUs that do not divide the batch": (["resources.gpus_per_node=1,3"],
+                                          "train.global_batch=16 is not divisible by the 3 GPUs"),
+    "unknown sampler": (["eval.sampler=ddpm,euler"], "eval.sampler='euler' is not one of ['ddpm', 'ddim']"),
+    "unknown device": (["device=cpu,tpu"], "device='tpu' is not one of ['auto', 'cpu', 'cuda']"),
+    "wrong type": ([f"train.steps={STEPS},many"], "Value 'many' of type 'str' could not be converted to Integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_rejected_before_anything_is_created(case, tmp_path, monkeypatch, capsys):
+    overrides, expected = BAD_INPUT[case]
+    out = tmp_path / "sweep"
+    assert sweep_in_process(monkeypatch, out, *overrides) == 2
+    err = capsys.readouterr().err
+    assert "nothing was created or submitted" in err
+    assert expected in err, err
+    assert not out.exists(), f"{case}: {out} was created"
+
+
+def test_every_bad_value_of_a_grid_is_reported_at_once(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    bad = ["patch=3", "cond=film", "train.steps=-5", "device=tpu", "eval.sampler=euler"]
+    assert sweep_in_process(monkeypatch, out, *bad, "seed=0,1") == 2
+    err = capsys.readouterr().err
+    assert "the grid has 10 problem(s)" in err
+    problems = [ln.split("] ", 1)[1] for ln in err.splitlines() if ln.startswith("  - [")]
+    assert len(problems) == 10, err
+    for fragment in ("unknown patch 3", "unknown cond 'film'", "train.steps=-5 must", "device='tpu'", "'euler'"):
+        assert sum(fragment in p for p in problems) == 2, fragment  # once per cell
+    assert not out.exists()
+
+
+def test_bad_grid_from_the_command_line_exits_2_with_one_report(tmp_path, harness_env):
+    out = tmp_path / "sweep"
+    result = run_sweep(harness_env, out, "model=demo-S,Q", "patch=4,3")
+    assert result.returncode == 2
+    assert "the grid has 3 problem(s); nothing was created or submitted" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
