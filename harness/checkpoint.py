@@ -8,7 +8,6 @@ and is never trusted.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import random
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.runfolder import atomic_write_bytes, atomic_write_json, read_json
+from harness.runfolder import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,9 @@ def verify(path: str | Path) -> str | None:
     meta = read_json(path.with_suffix(".json"))
     if meta is None:
         return "no checksum sidecar (the write was interrupted)"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != meta.get("sha256"):
-        return f"checksum mismatch (file {h.hexdigest()[:12]}, recorded {str(meta.get('sha256'))[:12]})"
+    sha = file_sha256(path)
+    if sha != meta.get("sha256"):
+        return f"checksum mismatch (file {sha[:12]}, recorded {str(meta.get('sha256'))[:12]})"
     return None
 
 

@@ -25,17 +25,27 @@ class DistEnv:
         return self.rank == 0
 
 
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun variables, else SLURM task variables, else (0, 1, 0)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, world size {world})")
+    return rank, world, local
+
+
 def _from_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun variables, else SLURM task variables, else 0, 1, 0."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        # Inside a multi-task SLURM job (submitit): export the rendezvous variables once, then read them.
-        import submitit
+    """launch_env(), with the rendezvous variables exported first inside a multi-task SLURM job."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        import submitit  # submitit knows the job's first node and a free port for MASTER_ADDR/PORT
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    return 0, 1, 0
+    return launch_env()
 
 
 def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
@@ -61,7 +71,7 @@ def is_main_process() -> bool:
     """True on rank 0 (or outside distributed runs); safe to call before init()."""
     if dist.is_initialized():
         return dist.get_rank() == 0
-    return _from_env()[0] == 0 if "RANK" in os.environ else int(os.environ.get("SLURM_PROCID", "0")) == 0
+    return launch_env()[0] == 0
 
 
 def barrier() -> None:

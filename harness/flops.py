@@ -28,8 +28,10 @@ import warnings
 from math import prod
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from harness.autoencoder import SD_VAE_GEOMETRY
 from harness.models import (
     COND_TOKENS,
     CONDS,
@@ -46,7 +48,7 @@ from harness.models import (
 PAPER_TABLE_PATH = Path(__file__).resolve().parent.parent / "analysis" / "reference" / "dit_table4.csv"
 # Pixel resolution / latent size of the SD VAE (256x256 images -> 4x32x32 latents): only used to match
 # a latent input_size to the paper's `resolution` column.
-LATENT_DOWNSAMPLE = 8
+LATENT_DOWNSAMPLE = SD_VAE_GEOMETRY[1]
 
 # Ops fvcore leaves uncounted on purpose (elementwise or lookups, not multiply-adds of the paper's
 # convention). Any other unsupported op is a silent undercount and raises: e.g. a new attention kernel.
@@ -194,7 +196,7 @@ def model_cost(model="XL", patch=2, cond="adaln_zero", *, input_size=32, in_chan
 
 def _check_nonnegative(**values):
     for name, value in values.items():
-        if value < 0:
+        if np.any(np.asarray(value) < 0):  # scalars, numpy arrays and pandas columns alike
             raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 

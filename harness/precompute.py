@@ -12,7 +12,6 @@ meta.json is written last, by whichever process sees every shard finished.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -24,34 +23,13 @@ from tqdm import tqdm
 
 from harness.autoencoder import VAECodec, encoder_id
 from harness.data import META_FILE, MOMENTS_LAYOUT, SHARD_FORMAT, ImageFolderDataset, shard_names
+from harness.distributed import launch_env
+from harness.runfolder import file_sha256
 
 STORE_DTYPES = ("float32", "float16")
 # Test hook: after this many shards are written, stop inside the next one and wait to be killed, so a test
 # can SIGKILL the process at a known point instead of racing it.
 PAUSE_ENV = "HARNESS_PRECOMPUTE_PAUSE_AFTER_SHARDS"
-
-
-def world_from_env() -> tuple[int, int]:
-    """Returns (rank, world_size) from torchrun (RANK/WORLD_SIZE) or SLURM (SLURM_PROCID/SLURM_NTASKS)."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    else:
-        rank, world = 0, 1
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, world size {world})")
-    return rank, world
-
-
-def file_sha256(path: str) -> str:
-    """Returns the hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write(path: str, write) -> None:
@@ -116,7 +94,7 @@ def precompute(src: str, out: str, resolution: int, vae: str, shard_size: int = 
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard size and batch size must be positive, got {shard_size}, {batch_size}")
     if rank is None or world_size is None:
-        rank, world_size = world_from_env()
+        rank, world_size, _ = launch_env()
     ds = ImageFolderDataset(src, resolution)  # ValueError on a missing or empty folder
     codec = VAECodec(vae, device=device)
     if resolution % codec.downsample:

@@ -23,6 +23,7 @@ from harness.data import (
     shard_names,
     validate_data,
 )
+from harness.distributed import launch_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32
@@ -165,7 +166,7 @@ def test_two_processes_split_the_shards(src_vae, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.delenv("RANK", raising=False)
-    assert precompute.world_from_env() == (1, 2)
+    assert launch_env()[:2] == (1, 2)
     kw = dict(shard_size=4, batch_size=4, num_workers=0)
     assert precompute.precompute(src, out, RES, vae, **kw) is None  # rank 1 of 2: shard 1 only, no meta
     assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == ["shard_00001.json"]

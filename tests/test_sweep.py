@@ -8,7 +8,6 @@ nothing (bad input, plan=true, relaunching a finished grid) go through the same 
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -35,18 +34,11 @@ CELL_ID = re.compile(r"^(DiT-demo-S-(\d)_adaln_zero_digits_s0_[0-9a-f]{8})\s")
 NAN_LR = "1e30"  # weights jump to ~1e30 after one AdamW step: the loss is NaN by the first logged step
 
 
-@pytest.fixture(scope="module")
-def harness_env(tmp_path_factory):
-    """Environment of the sweep subprocesses: a cache shared by the session (the digits extractor trains
-    once), no progress bars."""
-    cache = tmp_path_factory.getbasetemp() / "harness_cache"
-    return {**os.environ, "HARNESS_CACHE": str(cache), "HARNESS_NO_BAR": "1"}
-
-
-def run_sweep(env, out_dir, *overrides):
-    """Runs the sweep to completion; returns the CompletedProcess (text stdout and stderr)."""
+def run_sweep(out_dir, *overrides):
+    """Runs the sweep to completion; returns the CompletedProcess (text stdout and stderr). It inherits the
+    session's harness cache (tests/conftest.py), so the digits extractor trains once."""
     cmd = [sys.executable, "-m", "harness.sweep", "-m", *TINY_CELL, *overrides, f"out_dir={out_dir}"]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
 
 
 def sweep_in_process(monkeypatch, out_dir, *overrides):
@@ -96,7 +88,7 @@ def fake_kill_after_first_checkpoint(run_dir):
     update_status(run_dir, state="running", step=CKPT_EVERY)
 
 
-def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, harness_env, monkeypatch, capsys):
+def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
 
     assert sweep_in_process(monkeypatch, out, "patch=4,8", "plan=true") == 0
@@ -108,7 +100,7 @@ def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, har
         assert head in plan
     assert not out.exists(), "plan=true must create nothing"
 
-    first = run_sweep(harness_env, out, "patch=4,8")
+    first = run_sweep(out, "patch=4,8")
     assert first.returncode == 0, first.stderr
     assert sorted(p.name for p in out.iterdir() if (p / "cell.json").exists()) == sorted(ids.values())
     for cid in ids.values():
@@ -122,7 +114,7 @@ def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, har
 
     # Half-finished (patch 8 killed after its first checkpoint) and extended by a new cell (patch 2).
     fake_kill_after_first_checkpoint(out / ids[8])
-    extended = run_sweep(harness_env, out, "patch=2,4,8")
+    extended = run_sweep(out, "patch=2,4,8")
     assert extended.returncode == 0, extended.stderr
     new_id = plan_ids(extended.stdout)[2]
     assert new_id not in ids.values()
@@ -154,12 +146,12 @@ def gpu_hours_between_patches(fine, coarse):
 
 
 @pytest.fixture(scope="module")
-def failed_sweep(tmp_path_factory, harness_env):
+def failed_sweep(tmp_path_factory):
     """A sweep of two NaN cells and two good ones, launched in two resource groups (patch 2 gets two GPUs,
     patch 8 one) so the launch order differs from the grid order; returns (out_dir, CompletedProcess)."""
     out = tmp_path_factory.mktemp("failed") / "sweep"
     limit = gpu_hours_between_patches(2, 8)
-    result = run_sweep(harness_env, out, f"train.lr={NAN_LR},0.001", "patch=2,8", "resources.max_gpus=2",
+    result = run_sweep(out, f"train.lr={NAN_LR},0.001", "patch=2,8", "resources.max_gpus=2",
                        f"resources.gpu_hours_per_gpu_job_max={limit!r}")
     return out, result
 
@@ -267,9 +259,9 @@ def test_every_bad_value_of_a_grid_is_reported_at_once(tmp_path, monkeypatch, ca
     assert not out.exists()
 
 
-def test_bad_grid_from_the_command_line_exits_2_with_one_report(tmp_path, harness_env):
+def test_bad_grid_from_the_command_line_exits_2_with_one_report(tmp_path):
     out = tmp_path / "sweep"
-    result = run_sweep(harness_env, out, "model=demo-S,Q", "patch=4,3")
+    result = run_sweep(out, "model=demo-S,Q", "patch=4,3")
     assert result.returncode == 2
     assert "the grid has 3 problem(s); nothing was created or submitted" in result.stderr
     assert "Traceback" not in result.stderr

@@ -121,11 +121,3 @@ def submitit_folder(tmp_path, slurm_cluster):
     """Returns a fresh submitit folder for this test: job ids restart at 1 on a fresh cluster, so a shared
     folder could hand back an older job's result."""
     return tmp_path / "submitit" / "%j"
-
-
-@pytest.fixture(scope="session")
-def sweep_env(slurm_cluster, tmp_path_factory):
-    """Environment of a sweep process and of its jobs (sbatch exports it): the cluster's variables, a harness
-    cache shared by the session (the digits extractor trains once), no progress bars."""
-    cache = tmp_path_factory.getbasetemp() / "harness_cache"
-    return {**os.environ, **slurm_cluster.env, "HARNESS_CACHE": str(cache), "HARNESS_NO_BAR": "1"}

@@ -2,7 +2,9 @@
 submits one job per cell through sbatch; every cell leaves its records; a preempted cell (USR2, then a bare
 `scontrol requeue`) resumes from its checkpoint; a relaunch submits nothing and an extension only the new cell.
 
-Everything is checked from the run folders and from sacct, never from the launcher's word.
+Everything is checked from the run folders and from sacct, never from the launcher's word. The sweep and its
+jobs (sbatch exports the environment) see the cluster's variables (fixture slurm_cluster) and the session's
+harness cache (tests/conftest.py), so the digits extractor trains once.
 """
 
 import math
@@ -41,9 +43,9 @@ def sweep_cmd(out_dir, *overrides):
     return [sys.executable, "-m", "harness.sweep", "-m", *TINY_CELL, *SLURM, *overrides, f"out_dir={out_dir}"]
 
 
-def run_sweep(env, out_dir, *overrides):
+def run_sweep(out_dir, *overrides):
     """Runs the sweep until every job is done (the launcher waits on their results); returns the process."""
-    return subprocess.run(sweep_cmd(out_dir, *overrides), cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run(sweep_cmd(out_dir, *overrides), cwd=REPO, capture_output=True, text=True,
                           timeout=SWEEP_TIMEOUT_S)
 
 
@@ -100,12 +102,12 @@ def assert_finished(run_dir, steps, attempts):
         assert record["step"] == step and math.isfinite(record["metrics"]["fid"])
 
 
-def test_every_cell_runs_as_a_job_and_a_relaunch_submits_only_new_cells(tmp_path, sweep_env):
+def test_every_cell_runs_as_a_job_and_a_relaunch_submits_only_new_cells(tmp_path):
     out = tmp_path / "sweep"
     seeds = "seed=0,1,2,3"
     jobs_before = sacct_jobs()
 
-    first = run_sweep(sweep_env, out, f"train.steps={STEPS}", seeds)
+    first = run_sweep(out, f"train.steps={STEPS}", seeds)
     assert first.returncode == 0, first.stderr[-3000:]
     cells = run_dirs(out)
     assert len(cells) == 4
@@ -116,14 +118,14 @@ def test_every_cell_runs_as_a_job_and_a_relaunch_submits_only_new_cells(tmp_path
         assert "gres/gpu=1" in tres, f"a cell asked for one GPU, sacct says {tres}"
 
     jobs_before = sacct_jobs()
-    again = run_sweep(sweep_env, out, f"train.steps={STEPS}", seeds)
+    again = run_sweep(out, f"train.steps={STEPS}", seeds)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 already done, 0 run now" in again.stdout
     assert attempts(out) == {cid: 1 for cid in cells}
     assert run_client("squeue", "-h") == ""
     assert sacct_jobs() == jobs_before, "a relaunch of a finished sweep submitted jobs"
 
-    extended = run_sweep(sweep_env, out, f"train.steps={STEPS}", "seed=0,1,2,3,4")
+    extended = run_sweep(out, f"train.steps={STEPS}", "seed=0,1,2,3,4")
     assert extended.returncode == 0, extended.stderr[-3000:]
     new = set(run_dirs(out)) - set(cells)
     assert len(new) == 1
@@ -161,12 +163,12 @@ def job_environment(job_id, name):
     return values
 
 
-def test_preempted_cell_resumes_from_its_checkpoint(tmp_path, sweep_env):
+def test_preempted_cell_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "sweep"
     log = tmp_path / "sweep.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(sweep_cmd(out, f"train.steps={PREEMPTED_STEPS}", "resources.gpus_per_node=1"),
-                                cwd=REPO, env=sweep_env, stdout=f, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
     try:
         job_id = wait_for("the cell's job", lambda: cell_job_id(out), proc=proc)
         run_dir = wait_for("the cell's run folder", lambda: next(iter(run_dirs(out).values()), None), proc=proc)
