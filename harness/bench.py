@@ -119,9 +119,9 @@ def sync(device: torch.device) -> None:
 
 
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None,
-                           repeats: int = 5) -> float:
+                           repeats: int = 8) -> float:
     """Returns the best TFLOP/s of an n x n matmul (2 n^3 FLOPs) in `dtype`: a measured peak."""
-    n = n or (8192 if device.type == "cuda" else 1024)
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b  # warm up (kernel selection, thread pool)
@@ -359,7 +359,7 @@ def _train_runner(cell: Cell, setting: TrainSetting, batch: int, device: torch.d
         net = torch.compile(model) if setting.compile else model
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if setting.precision == "bf16" \
             else nullcontext()
-        diffusion = create_diffusion("")
+        diffusion = create_diffusion("").to(device)
         b = _fixed_batch(cell, batch, device)
         codec = _codec(vae, device) if setting.encode else None
         if codec is not None:
@@ -430,7 +430,7 @@ def bf16_agreement(cell: Cell, batch: int, device: torch.device) -> dict:
         for p in model.parameters():
             if p.requires_grad and not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * PERTURB_STD)
-    diffusion = create_diffusion("")
+    diffusion = create_diffusion("").to(device)
     b = _fixed_batch(cell, batch, device, seed=1)
     out, loss = {}, {}
     with torch.no_grad():

@@ -83,7 +83,7 @@ def generate(model, codec, ecfg: Any, indices: torch.Tensor, shape: tuple[int, i
     from harness.diffusion import create_diffusion
 
     check_settings(ecfg)
-    diffusion = create_diffusion(str(ecfg.sampling_steps))
+    diffusion = create_diffusion(str(ecfg.sampling_steps)).to(device)
     gens = [torch.Generator().manual_seed(sample_seed(ecfg.seed, int(i))) for i in indices]
     y = sample_labels(indices, num_classes, ecfg.label_sampling, ecfg.seed).to(device)
     fn = model_fn_for(model, ecfg.cfg_scale, ecfg.cfg_channels)

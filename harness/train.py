@@ -120,8 +120,9 @@ def prepare_run_dir(cfg: Any) -> Path:
 
 # ---- randomness as a pure function of (seed, step) ----
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of step `step`: timesteps, noise and label dropout of the whole global batch."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -256,7 +257,7 @@ def train(cfg: Any) -> dict:
     # Pixel images of an ImageNet folder are encoded every step (the paper's way); other data sets are
     # already in the model's space (digits pixels, precomputed latents, synthetic tensors).
     codec = build_codec(cfg.data, device=env.device) if cfg.data.name == "imagefolder" else None
-    diffusion = create_diffusion("")
+    diffusion = create_diffusion("").to(env.device)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(env.device)
@@ -303,14 +304,18 @@ def train(cfg: Any) -> dict:
     # Each rank loads its slice of the global batch; the loader runs one step ahead in a thread.
     lo, hi = env.rank * per_rank, (env.rank + 1) * per_rank
 
-    def load(indices: torch.Tensor):
+    def load(key: tuple[int, torch.Tensor]):
+        """This rank's slice of a step's global batch, augmented (flips, latent draws) and pinned."""
+        step_k, indices = key
         x, y = dataset.get_batch(indices[lo:hi])
+        aug_g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_k + 104_729 * env.rank)
+        x = dataset.augment(x, aug_g)
         if env.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        return x, y, aug_g
 
     prefetch = Prefetcher(load, depth=tcfg.num_workers)
-    prefetch.push(order.next_indices())
+    prefetch.push((step, order.next_indices()))
     stop = StopFlag()
     ema_params, params = list(ema.parameters()), list(model.parameters())
     model.train()
@@ -322,17 +327,16 @@ def train(cfg: Any) -> dict:
     run = _wandb_run(cfg, env, run_dir)
     try:
         while step < tcfg.steps:
-            x_all, y_all = prefetch.pop()
+            x_all, y_all, aug_g = prefetch.pop()
             data_state = order.state()  # position after the batch being trained now was taken
             if step + 1 < tcfg.steps:
-                prefetch.push(order.next_indices())
-            g = step_generator(cfg.seed, step)
+                prefetch.push((step + 1, order.next_indices()))
+            # Drawn on the device itself: no host-to-device copy (and no sync) in the step.
+            g = step_generator(cfg.seed, step, env.device)
             shape = (tcfg.global_batch, *val["x"].shape[1:])
-            t_glob = torch.randint(0, diffusion.num_timesteps, (tcfg.global_batch,), generator=g)
-            noise_glob = torch.randn(shape, generator=g)
-            drop_glob = torch.rand(tcfg.global_batch, generator=g) < tcfg.class_dropout_prob
-            aug_g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 104_729 * env.rank)
-            x_all = dataset.augment(x_all, aug_g)
+            t_glob = torch.randint(0, diffusion.num_timesteps, (tcfg.global_batch,), generator=g, device=env.device)
+            noise_glob = torch.randn(shape, generator=g, device=env.device)
+            drop_glob = torch.rand(tcfg.global_batch, generator=g, device=env.device) < tcfg.class_dropout_prob
             opt.zero_grad(set_to_none=True)
             for k in range(accum):
                 sl = slice(k * micro, (k + 1) * micro)
@@ -342,9 +346,7 @@ def train(cfg: Any) -> dict:
                 if codec is not None:  # a fresh posterior sample every step, as the paper did
                     with torch.no_grad():
                         x = codec.encode(x, generator=aug_g)
-                drop = drop_glob[gsl].to(env.device)
-                t = t_glob[gsl].to(env.device)
-                noise = noise_glob[gsl].to(env.device)
+                drop, t, noise = drop_glob[gsl], t_glob[gsl], noise_glob[gsl]
                 sync = nullcontext() if (k == accum - 1 or env.world_size == 1) else train_model.no_sync()
                 with sync, autocast:
                     # which labels are dropped is drawn above from the step's generator (reproducible,

@@ -109,6 +109,13 @@ class GaussianDiffusion:
             (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
         )
 
+    def to(self, device: "torch.device | str") -> "GaussianDiffusion":
+        """Moves the schedule tables to `device` once (returns self), so no step copies them from the host."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     # ----- the forward process q -----
 
     def q_mean_variance(self, x_start, t):

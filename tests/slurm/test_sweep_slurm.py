@@ -144,8 +144,10 @@ def resume_steps(run_dir):
 
 
 def cell_job_id(out_dir):
-    """The SLURM id (N_0) of the sweep's one job, from its submitit folder; None until it is submitted."""
-    tasks = [p.name for p in (out_dir / ".submitit").glob("*_*") if re.fullmatch(r"\d+_\d+", p.name)]
+    """The SLURM id of the sweep's one job (N, or N_0 for an array), from its submitit folder; None until
+    it is submitted."""
+    names = [p.name for p in (out_dir / ".submitit").glob("*") if re.fullmatch(r"\d+(_\d+)?", p.name)]
+    tasks = [n for n in names if "_" in n] or names
     return tasks[0] if len(tasks) == 1 else None
 
 
@@ -166,6 +168,7 @@ def job_environment(job_id, name):
 def test_preempted_cell_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "sweep"
     log = tmp_path / "sweep.log"
+    jobs_before = sacct_jobs()
     with open(log, "w") as f:
         proc = subprocess.Popen(sweep_cmd(out, f"train.steps={PREEMPTED_STEPS}", "resources.gpus_per_node=1"),
                                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
@@ -200,7 +203,8 @@ def test_preempted_cell_resumes_from_its_checkpoint(tmp_path):
     assert proc.returncode == 0, text[-3000:]
     assert resume_steps(run_dir) == [after_usr2, after_requeue]
     assert_finished(run_dir, PREEMPTED_STEPS, attempts=3)
+    assert read_json(run_dir / "status.json")["gpu_hours"] == 0.0, "device=cpu: the GPU is held, not used"
     # Every attempt ran as the same SLURM job, requeued, not resubmitted.
-    state, tres = sacct_jobs()[job_id]
-    assert state == "COMPLETED" and "gres/gpu=1" in tres
-    assert len(list((out / ".submitit").glob("*_*"))) == 1
+    jobs = settled_new_jobs(jobs_before, 1)
+    assert list(jobs) == [job_id]
+    assert "gres/gpu=1" in jobs[job_id][1]
