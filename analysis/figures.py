@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -14,8 +16,10 @@
 # %% [markdown]
 # # The paper's figures from a sweep
 # Regenerates Fig 2, 5, 6, 8, 9 and Table 4 of Peebles & Xie (2023) from any results table, with the
-# paper's values (stars) drawn alongside. Point it at another sweep by editing `SWEEP_DIRS` (sweep folders
-# or a saved results CSV / Parquet), or set the environment variable `HARNESS_RESULTS` (paths joined by `:`).
+# paper's values (stars) drawn alongside: on the same axes when the sweep's FID uses the paper's Inception
+# extractor, otherwise in a separate panel (another extractor is another metric). Point it at another
+# sweep by editing `SWEEP_DIRS` (sweep folders or a saved results CSV / Parquet), or set the environment
+# variable `HARNESS_RESULTS` (paths joined by `:`).
 
 # %%
 import os

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -46,9 +48,14 @@ for key, law in fits.items():
 pd.DataFrame([law.to_dict() for law in fits.values()])
 
 # %%
-fig = plots.fig8_gflops(df, law=fits["gflops", "floor"])
+# Each figure draws the floor law unless its bootstrap leaves it undetermined; then the power law (legend says).
+for x in ("gflops", "train_compute_gflops"):
+    print(x, "floor law:", plots.law_problem(fits[x, "floor"]) or "determined")
+fig = plots.fig8_gflops(df, law=fits["gflops", "floor"], fallback=fits["gflops", "power"])
 plots.save_figure(fig, FIG_DIR, "law_gflops")
-fig = plots.fig9_compute(df, law=fits["train_compute_gflops", "floor"])
+fig = plots.fig9_compute(
+    df, law=fits["train_compute_gflops", "floor"], fallback=fits["train_compute_gflops", "power"]
+)
 plots.save_figure(fig, FIG_DIR, "law_compute")
 
 # %% [markdown]

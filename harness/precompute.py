@@ -24,7 +24,7 @@ from tqdm import tqdm
 from harness.autoencoder import VAECodec, encoder_id
 from harness.data import META_FILE, MOMENTS_LAYOUT, SHARD_FORMAT, ImageFolderDataset, shard_names
 from harness.distributed import launch_env
-from harness.runfolder import file_sha256
+from harness.runfolder import atomic_open, file_sha256
 
 STORE_DTYPES = ("float32", "float16")
 # Test hook: after this many shards are written, stop inside the next one and wait to be killed, so a test
@@ -33,13 +33,8 @@ PAUSE_ENV = "HARNESS_PRECOMPUTE_PAUSE_AFTER_SHARDS"
 
 
 def _atomic_write(path: str, write) -> None:
-    # Temp file in the same folder, fsync, rename: a reader (or a resumed run) never sees a torn file.
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -23,11 +23,7 @@ REPORT_DIR = "report"
 
 
 def _write_text(path: Path, text: str) -> Path:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
+    _atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 
@@ -71,7 +67,7 @@ def write_report(
     if len(unfinished):
         md += ["Cells not finished:", "", _md_table(unfinished[["cell_id", "state", "reason", "step"]]), ""]
     try:
-        _, label = comparable(df, metric, allow_mixed=allow_mixed)
+        rows, label = comparable(df, metric, allow_mixed=allow_mixed)
     except ValueError as e:
         md += [f"**No figures or fits**: {e}", ""]
         return _write_text(out / "report.md", "\n".join(md))
@@ -105,22 +101,31 @@ def write_report(
         except ValueError as e:
             md.append(f"- validation-loss fit skipped: {e}")
 
+    # Each figure draws the floor law unless the bootstrap leaves it undetermined; then the power law.
+    laws = {}
+    for fig_name, key in (("fig8_gflops", "gflops"), ("fig9_compute", "compute")):
+        floor, power = fits.get(f"{key}_floor"), fits.get(f"{key}_power")
+        laws[fig_name] = {"law": floor, "fallback": power}
+        drawn, _ = plots.choose_law(floor, power)
+        if floor is not None and drawn is not floor:
+            laws[fig_name]["note"] = (
+                f"The line is the power law `{key}_power`: the floor law `{key}_floor` is undetermined "
+                f"({plots.law_problem(floor)})."
+            )
     figures = {
         "fig2_bubbles": ("Fig 2: FID at the comparison step, bubble area = Gflops", plots.fig2_bubbles, {}),
         "fig5_conditioning": ("Fig 5: conditioning variants over training", plots.fig5_conditioning, {}),
         "fig6_training": ("Fig 6: FID over training, by patch and by size", plots.fig6_training, {}),
-        "fig8_gflops": ("Fig 8: FID against Gflops", plots.fig8_gflops, {"law": fits.get("gflops_floor")}),
-        "fig9_compute": (
-            "Fig 9: FID against training compute",
-            plots.fig9_compute,
-            {"law": fits.get("compute_floor")},
-        ),
+        "fig8_gflops": ("Fig 8: FID against Gflops", plots.fig8_gflops, laws["fig8_gflops"]),
+        "fig9_compute": ("Fig 9: FID against training compute", plots.fig9_compute, laws["fig9_compute"]),
     }
     md += ["## Figures", ""]
     for name, (title, fn, kw) in figures.items():
         if name == "fig5_conditioning" and df["cond"].nunique() < 2:
             md += [f"- {title}: skipped, the sweep has one conditioning variant only", ""]
             continue
+        kw = dict(kw)
+        note = kw.pop("note", None)
         try:
             fig = fn(df, metric=metric, allow_mixed=allow_mixed, **kw)
         except ValueError as e:
@@ -128,13 +133,18 @@ def write_report(
             continue
         paths = plots.save_figure(fig, out, name)
         md += [f"### {title}", "", f"![{title}]({paths[0].name}) ([PDF]({paths[1].name}))", ""]
+        if note:
+            md += [note, ""]
+    comparable_to_paper = plots.paper_comparable(rows, metric)
     md += [
         "Stars mark the paper's values (FID-50K, ImageNet 256x256, 400K steps, no guidance)."
         + (
-            " Our numbers use another extractor or sample count and are not directly comparable."
-            if label != "FID-50K"
-            else ""
-        ),
+            ""
+            if comparable_to_paper
+            else f" Our numbers ({label}) are another metric (another extractor or data set), so the paper's "
+            "values are drawn in their own panel, on their own axes, and not directly comparable."
+        )
+        + ("" if label == "FID-50K" or not comparable_to_paper else " Fewer samples than 50K inflate FID."),
         "",
     ]
 
@@ -166,12 +176,9 @@ def write_report(
                     "Pearson(log FID, log Gflops)",
                     "Spearman",
                 ],
-                "ours": [
-                    ours[k] for k in ("pearson_log10_gflops", "pearson_gflops", "pearson_log_log", "spearman")
-                ],
+                "ours": [ours[k] for k in ("pearson_log10_gflops", "pearson_gflops", "pearson_log_log", "spearman")],
                 "paper Table 4": [
-                    paper[k]
-                    for k in ("pearson_log10_gflops", "pearson_gflops", "pearson_log_log", "spearman")
+                    paper[k] for k in ("pearson_log10_gflops", "pearson_gflops", "pearson_log_log", "spearman")
                 ],
             }
         )

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from harness.flops import paper_table, train_compute_gflops, train_flops
+from harness.runfolder import atomic_open
 
 SWEEP_MARKER = "sweep.json"
 CELL_FILE = "cell.json"
@@ -310,28 +310,18 @@ def comparison_step(df: pd.DataFrame, metric: str = "fid") -> int:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Writes through `write(tmp_path)` to a temp file in the same folder, fsyncs, then renames into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes through `write(binary_file)`, atomically (runfolder.atomic_open)."""
+    with atomic_open(path) as f:
+        write(f)
 
 
 def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Writes `df` atomically as CSV or Parquet (by suffix) and returns the path."""
     path = Path(path)
     if path.suffix == ".csv":
-        _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+        _atomic_write(path, lambda f: df.to_csv(f, index=False))
     elif path.suffix == ".parquet":
-        _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+        _atomic_write(path, lambda f: df.to_parquet(f, index=False))
     else:
         raise ValueError(f"unknown table format {path.suffix!r} for {path}; allowed: '.csv', '.parquet'")
     return path

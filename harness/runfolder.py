@@ -11,20 +11,33 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 STATES = ("pending", "running", "evaluating", "finished", "failed", "interrupted")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> str:
-    """Write `data` to `path` atomically (temp file, fsync, rename); return its sha256 hex digest."""
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (0666 less the umask); mkstemp's 0600 would hide
+    results from the other members of a group on a shared cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that replaces `path` only when the block ends without error (temp file in the same
+    folder, fsync, rename); on error the temp file is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +45,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> str:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> str:
+    """Write `data` to `path` atomically; return its sha256 hex digest."""
+    with atomic_open(path) as f:
+        f.write(data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from harness import distributed
 from harness.config import LABEL_SAMPLINGS, SAMPLERS
 from harness.metrics import to_uint8_rgb
-from harness.runfolder import atomic_write_json, read_json
+from harness.runfolder import atomic_open, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +116,8 @@ def _read_shard(path: Path, lo: int, hi: int) -> np.ndarray | None:
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez to a temp file in the same folder, fsync, rename: a kill leaves the old file or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # streamed to disk: 50K ImageNet samples are not copied into a buffer
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)  # streamed to disk: 50K ImageNet samples are not copied into a buffer
 
 
 def sampling_settings(ecfg: Any, shape: tuple[int, int, int], num_classes: int, source: dict | None) -> dict:

@@ -26,6 +26,8 @@ FORMS = ("power", "floor")
 X_COLUMNS = ("gflops", "train_compute_gflops", "train_flops", "params")
 N_RESAMPLES = 1000
 LEVEL = 0.95
+# The fit keeps the exponent b in these bounds; a bootstrap interval that reaches one is not determined.
+EXPONENT_BOUNDS = (0.0, 10.0)
 # Paper, section 4 / Fig 8: "a strong negative correlation" of FID-50K at 400K steps with Gflops.
 PAPER_CORRELATION = -0.93
 
@@ -77,8 +79,8 @@ def _bounds(y: np.ndarray, form: str) -> list[tuple]:
     # Exponent >= 0: the laws describe a metric that falls with compute. The floor stays below the largest
     # observation and is allowed to vanish (e far below: the floor form then equals the power law).
     if form == "power":
-        return [(None, None), (0.0, 10.0)]
-    return [(y.min() - 20.0, y.max()), (None, None), (0.0, 10.0)]
+        return [(None, None), EXPONENT_BOUNDS]
+    return [(y.min() - 20.0, y.max()), (None, None), EXPONENT_BOUNDS]
 
 
 def _lbfgs(x, y, form, theta0, delta):

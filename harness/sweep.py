@@ -98,7 +98,7 @@ def format_plan(rows: list[dict], skipped: set[str]) -> str:
     for r in rows:
         res = r["resources"]
         lines.append(
-            f"{r['cell_id']:<52} {r['params'] / 1e6:>8.2f}M {r['gflops']:>8.3f} {r['train_compute_gflops']:>12.3e}"
+            f"{r['cell_id']:<52} {r['params'] / 1e6:>8.2f}M {r['gflops']:>8.3g} {r['train_compute_gflops']:>12.3e}"
             f" {r['est_gpu_hours']:>8.2f} {res['gpus_per_node'] * res['nodes']:>4}"
             f"  {'done, skipped' if r['cell_id'] in skipped else 'to run'}"
         )
@@ -163,6 +163,7 @@ class GridSweep:
             _fail(f"these cells appear more than once in the grid: {sorted(dupes)}")
         rows = [plan_row(c) for _, c in cfgs]
         done = {hconfig.cell_id(c) for _, c in cfgs if cell_done(c)}
+        print(f"sweep folder: {Path(str(self.config.hydra.sweep.dir)).resolve()}", flush=True)
         print(format_plan(rows, done), flush=True)
         if self.config.plan:
             return []
@@ -225,13 +226,24 @@ def _record_sweep(sweep_dir: Path, config: DictConfig, ids: list[str]) -> None:
 
 
 def _write_report(sweep_dir: Path) -> None:
-    try:
-        from harness.report import write_report
-    except ImportError:
-        return
+    """The report, then the paths of its table and FID-vs-Gflops figure and the measured correlation."""
+    from harness.report import write_report
+
     try:
         path = write_report([sweep_dir], sweep_dir / "report")
-        print(f"report: {path}", flush=True)
+        for name in ("results.csv", "fig8_gflops.png", "report.md"):
+            if (path.parent / name).exists():
+                print(f"{name:<16} {path.parent / name}", flush=True)
+        from harness.results import load_results
+        from harness.scaling import gflops_correlation
+
+        try:
+            c = gflops_correlation(load_results([sweep_dir]), cond=None)
+        except ValueError as e:  # fewer than 3 evaluated cells: nothing to correlate yet
+            print(f"no FID-Gflops correlation yet: {e}", flush=True)
+            return
+        print(f"{c['label']} vs Gflops at step {c['step']} over {c['n']} cells: Spearman {c['spearman']:.3f}, "
+              f"Pearson(FID, log10 Gflops) {c['pearson_log10_gflops']:.3f} (paper: -0.93)", flush=True)
     except Exception as e:  # noqa: BLE001 - a report problem must not hide the cells' results
         log.error("the report could not be written: %s", e)
 

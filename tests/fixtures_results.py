@@ -26,15 +26,11 @@ def paper_rows() -> pd.DataFrame:
 
 def cell_id(model: str, patch: int, cond: str, data: str, seed: int) -> str:
     """Returns a deterministic cell id in the contract's shape: DiT-B-4_adaln_zero_digits_s0_<hash8>."""
-    key = json.dumps(
-        {"model": model, "patch": patch, "cond": cond, "data": data, "seed": seed}, sort_keys=True
-    )
+    key = json.dumps({"model": model, "patch": patch, "cond": cond, "data": data, "seed": seed}, sort_keys=True)
     return f"DiT-{model}-{patch}_{cond}_{data}_s{seed}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def write_cell(
-    sweep_dir: Path, cell: dict, status: dict, evals: list[dict], metrics: list[dict] = ()
-) -> Path:
+def write_cell(sweep_dir: Path, cell: dict, status: dict, evals: list[dict], metrics: list[dict] = ()) -> Path:
     """Writes one run folder (cell.json, status.json, metrics.jsonl, evals/step_N.json); returns its path."""
     run = Path(sweep_dir) / cell["cell_id"]
     (run / "evals").mkdir(parents=True, exist_ok=True)
@@ -175,8 +171,56 @@ def make_paper_sweep(
                 [eval_record(steps[0], 150.0, PAPER_BATCH, num_samples, extractor) for _ in range(n_evals)],
             )
     (sweep / "sweep.json").write_text(
-        json.dumps(
-            {"name": sweep.name, "created": "2024-01-01T00:00:00", "grid": ids, "harness_version": "0.1.0"}
-        )
+        json.dumps({"name": sweep.name, "created": "2024-01-01T00:00:00", "grid": ids, "harness_version": "0.1.0"})
+    )
+    return sweep
+
+
+# A sweep like outputs/demo: sizes off the paper's grid, the digits data set and extractor, 500 samples,
+# 300 steps. (model, patch) -> (gflops, params, FID at DEMO_STEPS), values as measured in the demo sweep.
+DEMO_STEPS = (150, 300)
+DEMO_BATCH = 64
+DEMO_CELLS = {
+    ("demo-S", 8): (0.0005256, 191_500, (822.0, 242.6)),
+    ("demo-S", 4): (0.00177, 182_200, (801.0, 126.7)),
+    ("demo-S", 2): (0.007487, 179_800, (120.3, 157.0)),
+    ("demo-B", 8): (0.00374, 1_296_000, (760.0, 73.23)),
+    ("demo-B", 4): (0.01344, 1_277_000, (240.1, 48.52)),
+    ("demo-B", 2): (0.05517, 1_273_000, (122.2, 117.5)),
+}
+
+
+def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int = 500) -> Path:
+    """Writes a sweep folder with DEMO_CELLS (off-paper sizes, digits extractor) and returns it."""
+    sweep = Path(root)
+    sweep.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for (model, patch), (gflops, params, fids) in DEMO_CELLS.items():
+        cid = cell_id(model, patch, "adaln_zero", "digits", 0)
+        ids.append(cid)
+        cell = {
+            "cell_id": cid,
+            "config_hash": cid[-8:],
+            "model": model,
+            "patch": patch,
+            "cond": "adaln_zero",
+            "data": "digits",
+            "seed": 0,
+            "input_size": 16,
+            "in_channels": 1,
+            "tokens": (16 // patch) ** 2,
+            "params": params,
+            "gflops": gflops,
+            "global_batch": DEMO_BATCH,
+            "steps": DEMO_STEPS[-1],
+            "off_paper": True,
+        }
+        evals = [
+            eval_record(s, fid, DEMO_BATCH, num_samples, extractor, data="digits") for s, fid in zip(DEMO_STEPS, fids)
+        ]
+        status = {"state": "finished", "reason": None, "attempts": 1, "step": DEMO_STEPS[-1], "wall_s": 140.0}
+        write_cell(sweep, cell, status, evals)
+    (sweep / "sweep.json").write_text(
+        json.dumps({"name": sweep.name, "created": "2024-01-01T00:00:00", "grid": ids, "harness_version": "0.1.0"})
     )
     return sweep

@@ -1,0 +1,150 @@
+"""Figures draw the sweep's own cells whatever their names, keep the paper's values off foreign axes, and take
+their y-limits from the data, never from a fit's band (issue 6: what the demo report got wrong)."""
+
+import warnings
+
+import matplotlib.colors
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from fixtures_results import DEMO_CELLS, DEMO_STEPS, make_demo_sweep, make_paper_sweep
+
+from harness import plots, scaling
+from harness.results import load_results
+
+N_PAPER_ADALN_ZERO = 12  # Table 4: S..XL x patch 8, 4, 2
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return load_results(make_demo_sweep(tmp_path_factory.mktemp("plots") / "demo"))
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    return load_results(make_paper_sweep(tmp_path_factory.mktemp("plots") / "paper", steps=(200_000, 400_000)))
+
+
+@pytest.fixture(scope="module")
+def demo_laws(demo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {form: scaling.fit_table(demo, form=form, n_resamples=100) for form in ("floor", "power")}
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _n_points(ax, gid: str) -> int:
+    """Returns the number of data points drawn on `ax` by artists tagged `gid`."""
+    n = sum(len(c.get_offsets()) for c in ax.collections if c.get_gid() == gid)
+    return n + sum(len(line.get_xdata()) for line in ax.lines if line.get_gid() == gid)
+
+
+def _colors(ax, gid: str) -> set[str]:
+    """Returns the colours (hex) of the artists tagged `gid` on `ax`."""
+    out = {matplotlib.colors.to_hex(c.get_facecolor()[0]) for c in ax.collections if c.get_gid() == gid}
+    return out | {matplotlib.colors.to_hex(line.get_color()) for line in ax.lines if line.get_gid() == gid}
+
+
+def _paper_axes(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "paper"]
+
+
+def test_off_paper_sizes_get_their_own_colours_by_parameter_count(demo):
+    assert plots.size_order(demo) == ["demo-S", "demo-B"]
+    colors = plots.size_colors(demo)
+    assert colors["demo-S"] == plots.EXTRA_SIZE_COLORS[0] and colors["demo-B"] == plots.EXTRA_SIZE_COLORS[1]
+    assert {k: colors[k] for k in plots.SIZES} == plots.SIZE_COLORS  # the paper's sizes keep theirs
+
+
+@pytest.mark.parametrize("name", ["fig2_bubbles", "fig8_gflops"])
+def test_gflops_figures_draw_every_cell_of_an_off_paper_sweep(demo, name):
+    fig = getattr(plots, name)(demo)
+    ax = fig.axes[0]
+    assert _n_points(ax, "sweep") == len(DEMO_CELLS)  # one point per cell at the comparison step
+    colors = _colors(ax, "sweep")
+    assert colors == {plots.EXTRA_SIZE_COLORS[0], plots.EXTRA_SIZE_COLORS[1]}  # coloured by size, not grey
+
+
+def test_fig9_draws_every_evaluation_coloured_by_size_styled_by_patch(demo):
+    ax = plots.fig9_compute(demo).axes[0]
+    lines = [line for line in ax.lines if line.get_gid() == "sweep"]
+    assert len(lines) == len(DEMO_CELLS) and _n_points(ax, "sweep") == len(DEMO_CELLS) * len(DEMO_STEPS)
+    colors = plots.size_colors(demo)
+    assert {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines} == {
+        (colors[m], plots.PATCH_STYLES[p], plots.PATCH_MARKERS[p]) for m, p in DEMO_CELLS
+    }
+    legend = ax.get_legend()
+    assert legend is not None
+    # The legend sits right of the axes (anchored beyond x = 1 in axes coordinates): it covers no data.
+    fig = ax.figure
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_fig6_has_panels_for_the_sweeps_sizes_and_patches_only(demo):
+    fig = plots.fig6_training(demo)
+    data_axes = [ax for ax in fig.axes if ax.get_label() != "paper"]
+    titles = {ax.get_title() for ax in data_axes}
+    assert titles == {"patch 8: varying size", "patch 4: varying size", "patch 2: varying size"} | {
+        "DiT-demo-S: varying patch",
+        "DiT-demo-B: varying patch",
+    }
+    top = [ax for ax in data_axes if ax.get_title().startswith("patch")]
+    assert sum(_n_points(ax, "sweep") for ax in top) == len(DEMO_CELLS) * len(DEMO_STEPS)
+    # Step ticks suit a 300-step sweep: the axis ends near 300, not at 400K.
+    assert data_axes[0].get_xlim()[1] < 2 * DEMO_STEPS[-1]
+
+
+@pytest.mark.parametrize("name", ["fig2_bubbles", "fig6_training", "fig8_gflops", "fig9_compute"])
+def test_paper_values_leave_the_sweeps_axes_when_the_extractor_differs(demo, name):
+    fig = getattr(plots, name)(demo)
+    for ax in fig.axes:
+        if ax.get_label() != "paper":
+            assert _n_points(ax, "paper") == 0, ax.get_title()
+    (pax,) = _paper_axes(fig)
+    assert _n_points(pax, "paper") == N_PAPER_ADALN_ZERO and plots.PAPER_PANEL_TITLE in pax.get_title()
+    if name in ("fig2_bubbles", "fig8_gflops"):
+        # The sweep's axis spans the sweep's Gflops (1e-3..1e-1), not the paper's (0.36..119).
+        assert fig.axes[0].get_xlim()[1] < 0.2
+
+
+def test_fig8_y_limits_follow_the_data_and_undetermined_floor_falls_back(demo, demo_laws):
+    floor, power = demo_laws["floor"], demo_laws["power"]
+    assert plots.law_problem(floor) is not None  # 6 noisy points: the floor law's CI is unconstrained
+    assert plots.choose_law(floor, power)[0] is power
+    fig = plots.fig8_gflops(demo, law=floor, fallback=power)
+    ax = fig.axes[0]
+    fid = demo.loc[demo.step == DEMO_STEPS[-1], "fid"]
+    lo, hi = ax.get_ylim()
+    span = fid.max() - fid.min()
+    assert fid.min() - 0.2 * span <= lo <= fid.min() and fid.max() <= hi <= fid.max() + 0.2 * span
+    (fit,) = [line for line in ax.lines if line.get_gid() == "fit"]
+    assert "power law" in fit.get_label() and "undetermined" in fit.get_label()
+    g = demo["gflops"]
+    assert g.min() / 1.5 <= fit.get_xdata().min() and fit.get_xdata().max() <= g.max() * 1.5
+    (band,) = [c for c in ax.collections if c.get_gid() == "band"]
+    ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+    assert ys.min() >= lo - 1e-9 and ys.max() <= hi + 1e-9  # clipped to the axes
+
+
+def test_paper_fixture_keeps_stars_on_the_primary_axis_with_r_0_930(paper):
+    fig = plots.fig8_gflops(paper)
+    ax = fig.axes[0]
+    assert not _paper_axes(fig)
+    assert _n_points(ax, "paper") == N_PAPER_ADALN_ZERO and _n_points(ax, "sweep") == N_PAPER_ADALN_ZERO
+    assert "= -0.930" in fig._suptitle.get_text()
+    assert scaling.gflops_correlation(paper)["pearson_log10_gflops"] == pytest.approx(-0.930, abs=5e-4)
+    # Fig 6 draws each model's star twice: in its patch panel (top row) and its size panel (bottom row).
+    for name, n_stars in (("fig2_bubbles", 1), ("fig6_training", 2), ("fig9_compute", 1)):
+        fig = getattr(plots, name)(paper)
+        assert not _paper_axes(fig) and sum(_n_points(a, "paper") for a in fig.axes) == n_stars * N_PAPER_ADALN_ZERO
+
+
+def test_table4_orders_off_paper_sizes_by_parameter_count(demo):
+    t4 = plots.table4(demo)
+    assert list(t4["model"]) == ["demo-S"] * 3 + ["demo-B"] * 3 and list(t4["patch"]) == [8, 4, 2] * 2
