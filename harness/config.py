@@ -188,6 +188,10 @@ def validate(cfg: Any) -> list[str]:
         problems.append(f"train.precision={t.precision!r} is not one of {list(PRECISIONS)}")
     if t.wandb not in WANDB_MODES:
         problems.append(f"train.wandb={t.wandb!r} is not one of {list(WANDB_MODES)}")
+    for key in ("gpus_per_node", "nodes", "cpus_per_task", "max_gpus"):
+        if getattr(cfg.resources, key) < 1:
+            problems.append(f"resources.{key}={getattr(cfg.resources, key)} must be at least 1 "
+                            "(a cell is one process per GPU; on one machine the value is not used)")
     world = cfg.resources.gpus_per_node * cfg.resources.nodes
     if t.global_batch > 0 and world > 0 and t.global_batch % world:
         problems.append(

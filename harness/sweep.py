@@ -23,7 +23,7 @@ from typing import Any
 
 import hydra
 from hydra.core.utils import JobReturn, JobStatus
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from harness import config as hconfig
 from harness import distributed
@@ -171,38 +171,83 @@ class GridSweep:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         _record_sweep(sweep_dir, self.config, ids)
         todo = [(o, c, r) for (o, c), r in zip(cfgs, rows) if r["cell_id"] not in done]
-        returns: list[JobReturn] = []
-        launched = []  # the cells in launch order (grouped by resources), which `returns` follows
-        for res_key, group in _group_by_resources(todo).items():
-            self._apply_resources(dict(res_key))
-            overrides = [o for o, _, _ in group]
-            log.info("launching %d cell(s) with %s", len(group), dict(res_key))
-            returns += list(self.launcher.launch(overrides, initial_job_idx=len(returns)))
-            launched += group
+        if _is_submitit(self.launcher):
+            outcomes = _launch_submitit(self.launcher, todo)
+        else:  # one machine: Hydra's launcher runs the cells one after another; resources do not apply
+            returns = self.launcher.launch([o for o, _, _ in todo], initial_job_idx=0) if todo else []
+            outcomes = [(item, _job_value(ret)) for item, ret in zip(todo, returns)]
 
-        failed = []
-        for (_, _, r), ret in zip(launched, returns):
-            value = None
-            if ret.status == JobStatus.COMPLETED:
-                value = ret.return_value
-            if not isinstance(value, dict) or value.get("state") != "finished":
-                reason = value.get("reason") if isinstance(value, dict) else _first_line(ret._return_value)
-                failed.append(f"{r['cell_id']}: {reason}")
+        failed = [f"{r['cell_id']}: {value.get('reason')}" for (_, _, r), value in outcomes
+                  if value.get("state") != "finished"]
         if self.config.report:
             _write_report(sweep_dir)
         if failed:
             _fail(f"{len(failed)} cell(s) failed (see their status.json):\n  - " + "\n  - ".join(failed), code=1)
         print(f"sweep {sweep_dir}: {len(rows)} cells, {len(done)} already done, {len(todo)} run now", flush=True)
-        return [returns]
+        return [value for _, value in outcomes]
 
-    def _apply_resources(self, res: dict) -> None:
-        """Per-cell resources for the submitit launchers; other launchers ignore them."""
-        params = getattr(self.launcher, "params", None)
-        if not isinstance(params, dict) or "submitit_folder" not in params:
-            return
-        if type(self.launcher).__name__ != "SlurmLauncher":
-            return
-        params.update(res)
+
+def _job_value(ret: JobReturn) -> dict:
+    """A cell's result dict from Hydra's JobReturn; a job that raised becomes a failure with its reason."""
+    if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, dict):
+        return ret.return_value
+    return {"state": "failed", "reason": _first_line(ret._return_value)}
+
+
+def _is_submitit(launcher) -> bool:
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+    return isinstance(launcher, BaseSubmititLauncher)
+
+
+def _launch_submitit(launcher, todo: list) -> list[tuple[Any, dict]]:
+    """Submit every cell (one job array per resource group, all groups at once), then wait for all.
+
+    This does what hydra-submitit-launcher's `launch` does, with two differences a long sweep needs: the
+    groups are submitted together rather than one after the other, and a job that dies without a result
+    (OOM, node failure, scancel) becomes a failed cell with its reason instead of an exception that stops
+    the sweep from waiting for the others and leaves the dead cell marked running.
+    """
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    from harness.runfolder import update_status
+    from harness.train import run_dir_for
+
+    kind = launcher._EXECUTOR
+    base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
+    submitted, idx = [], 0
+    for res_key, group in _group_by_resources(todo).items():
+        params = dict(launcher.params)
+        if kind == "slurm":
+            params.update(dict(res_key))
+        executor = submitit.AutoExecutor(
+            cluster=kind, folder=params["submitit_folder"],
+            **({f"{kind}_max_num_timeout": params["max_num_timeout"]} if "max_num_timeout" in params else {}),
+        )
+        executor.update_parameters(**{
+            k if k in base_keys else f"{kind}_{k}": v for k, v in params.items()
+            if k not in ("submitit_folder", "max_num_timeout")
+        })
+        job_args = [(list(o), "hydra.sweep.dir", idx + i, f"job_id_for_{idx + i}", Singleton.get_state())
+                    for i, (o, _, _) in enumerate(group)]
+        jobs = executor.map_array(launcher, *zip(*job_args))
+        log.info("submitted %d cell(s) as %s with %s", len(group), [j.job_id for j in jobs], dict(res_key))
+        submitted += zip(group, jobs)
+        idx += len(group)
+
+    outcomes = []
+    for (o, c, r), job in submitted:
+        try:
+            value = _job_value(job.results()[0])
+        except Exception as e:  # noqa: BLE001 - the job died without a result
+            value = {"state": "failed", "reason": f"job {job.job_id} ended without a result: {_first_line(e)}"}
+            run_dir = run_dir_for(c)
+            if run_dir.exists() and read_status(run_dir).get("state") != "finished":
+                update_status(run_dir, state="failed", reason=value["reason"])
+        outcomes.append(((o, c, r), value))
+    return outcomes
 
 
 def _group_by_resources(todo: list) -> dict:
@@ -308,8 +353,6 @@ def run_cell(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    with open_dict(cfg):
-        pass
     return run_cell(cfg)
 
 

@@ -282,8 +282,6 @@ def test_a_bad_value_outside_the_swept_keys_is_rejected_before_the_sweep(tmp_pat
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate does not check resources.gpus_per_node/nodes >= 1: "
-                   "cell_resources divides by zero while planning (a ZeroDivisionError traceback, exit 1)")
 def test_zero_gpus_is_rejected_as_bad_input(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
     assert sweep_in_process(monkeypatch, out, "resources.gpus_per_node=0", "seed=0,1") == 2

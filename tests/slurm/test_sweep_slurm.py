@@ -32,6 +32,7 @@ GLOBAL_BATCH = 16
 # The preempted cell must still be training when each signal lands: the test signals within a few polls of
 # seeing a step, and this machine trains the cell at 4 (busy) to 125 (idle) steps/s.
 PREEMPTED_STEPS = 150
+VICTIM_STEPS = 1_000_000  # never reached: the cell is killed after its first checkpoint
 # A cell a shared 2-core CPU trains in seconds: a 1-block DiT on 8x8 digits, FID (digits extractor) from 20
 # samples, on the CPU even though the job holds a GPU.
 TINY_CELL = [
@@ -229,24 +230,26 @@ def test_preempted_cell_resumes_from_its_checkpoint(tmp_path):
     assert read_json(run_dir / "status.json")["gpu_hours"] == 0.0, "device=cpu: the GPU is held, not used"
 
 
-@pytest.mark.xfail(strict=True, reason="hydra-submitit's launch() raises at the first job without a result "
-                   "(UncompletedJobError): the sweep dies with a traceback, names no cell, records nothing")
 def test_a_killed_cell_is_named_and_the_others_finish(tmp_path):
     out = tmp_path / "sweep"
     log = tmp_path / "sweep.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(sweep_cmd(out, f"train.steps={PREEMPTED_STEPS}", "seed=0,1"),
+        # The victim is given far more steps than it can train before it is killed, so the kill can
+        # never arrive after it has finished: no race with the machine's speed.
+        proc = subprocess.Popen(sweep_cmd(out, f"train.steps={PREEMPTED_STEPS},{VICTIM_STEPS}"),
                                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
     array_id = None
     try:
         # submitit keeps an array's submission script in .submitit/N/
         array_id = wait_for("the sweep's job array", lambda: next(
             (p.name for p in (out / ".submitit").glob("*") if p.name.isdigit()), None), proc=proc)
-        # Task 0 is the first cell of the grid (seed 0); kill it as the OOM killer would.
-        victim = wait_for("the first cell's run folder", lambda: next(
-            (d for d in run_dirs(out).values() if read_json(d / "cell.json")["seed"] == 0), None), proc=proc)
+        # Task 1 is the second cell of the grid (the long one); kill it as the OOM killer would.
+        victim = wait_for("the long cell's run folder", lambda: next(
+            (d for d in run_dirs(out).values() if read_json(d / "cell.json")["steps"] == VICTIM_STEPS), None),
+            proc=proc)
         wait_for("a first checkpoint", lambda: checkpoint.list_steps(victim / "checkpoints"), proc=proc)
-        run_client("scancel", "--signal=KILL", f"{array_id}_0")
+        assert read_json(victim / "status.json")["state"] == "running"
+        run_client("scancel", "--signal=KILL", f"{array_id}_1")
         proc.wait(timeout=SWEEP_TIMEOUT_S)
     finally:
         if proc.poll() is None:
