@@ -65,16 +65,19 @@ def cell_resources(cfg: Any, gpu_hours: float) -> dict:
     """The one rule mapping a cell's cost to what it asks of SLURM.
 
     A cell gets the fewest GPUs (a power of two dividing the global batch, at most resources.max_gpus)
-    that bring its wall time under resources.gpu_hours_per_gpu_job_max hours, and a time limit of that
-    wall time with 25% slack (at least an hour, at most resources.timeout_min). Big cells (XL/2) thus get
-    more GPUs and time than small ones (S/8); preemption and requeue cover whatever is left.
+    that bring its wall time under resources.gpu_hours_per_gpu_job_max hours, on as few nodes as hold
+    them (resources.gpus_per_node is what one node has), and a time limit of that wall time with 25% slack
+    (at least an hour, at most resources.timeout_min). Big cells (XL/2) thus get more GPUs and time than
+    small ones (S/8); preemption and requeue cover whatever is left.
     """
     r = cfg.resources
-    gpus = r.gpus_per_node * r.nodes
+    gpus = 1
     while (gpu_hours / gpus > r.gpu_hours_per_gpu_job_max and gpus * 2 <= r.max_gpus
            and cfg.train.global_batch % (gpus * 2) == 0):
         gpus *= 2
-    nodes = max(r.nodes, math.ceil(gpus / max(r.gpus_per_node, 1)))
+    nodes = math.ceil(gpus / r.gpus_per_node)
+    while gpus % nodes:  # the same number of GPUs on every node
+        nodes += 1
     per_node = gpus // nodes
     hours = gpu_hours / gpus * 1.25
     timeout_min = int(min(r.timeout_min, max(60, math.ceil(hours * 60))))
