@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python -m harness.sweep -m +sweep=demo
+	$(BIN)/python -m harness.sweep -m sweeps=demo
 
 test: venv
 	$(BIN)/ruff check .

@@ -249,6 +249,20 @@ def _paper_panel(pax, x: str, colors: dict) -> None:
     pax.set_label("paper")
 
 
+def _paper_and_axes(ax, pax, values, shared: bool, paper: bool, colors: dict, label: str) -> None:
+    """Draws the paper's Table 4 points against Gflops (on `ax` when comparable, else in the side panel
+    `pax`), labels the axes and sets y-limits from what `ax` shows."""
+    shown = [values]
+    if shared:
+        p = _paper()
+        _paper_stars(ax, p, "gflops", colors)
+        shown.append(p["fid"])
+    elif paper:
+        _paper_panel(pax, "gflops", colors)
+    _finish(ax, GFLOPS_LABEL, label)
+    _set_ylim(ax, shown, log=False)
+
+
 def fig2_bubbles(
     df: pd.DataFrame,
     metric: str = "fid",
@@ -283,15 +297,7 @@ def fig2_bubbles(
             xytext=(4, 4),
             textcoords="offset points",
         )
-    values = [rows[metric]]
-    if shared:
-        p = _paper()
-        _paper_stars(ax, p, "gflops", colors)
-        values.append(p["fid"])
-    elif paper:
-        _paper_panel(pax, "gflops", colors)
-    _finish(ax, GFLOPS_LABEL, label)
-    _set_ylim(ax, values, log=False)
+    _paper_and_axes(ax, pax, rows[metric], shared, paper, colors, label)
     fig.suptitle(f"Fig 2: {label} at step {step:,}; bubble area proportional to Gflops", fontsize=11)
     for handle in _legend_outside(ax).legend_handles:
         handle.set_sizes([60])  # legend markers of one size; the bubbles themselves encode Gflops
@@ -458,15 +464,7 @@ def fig8_gflops(
         ax.scatter([], [], color=colors[size], label=f"DiT-{size}")
     for patch in patch_order(rows):
         ax.scatter([], [], color="gray", marker=_patch_style(patch)[1], label=f"patch {patch}")
-    values = [rows[metric]]
-    if shared:
-        p = _paper()
-        _paper_stars(ax, p, "gflops", colors)
-        values.append(p["fid"])
-    elif paper:
-        _paper_panel(pax, "gflops", colors)
-    _finish(ax, GFLOPS_LABEL, label)
-    _set_ylim(ax, values, log=False)
+    _paper_and_axes(ax, pax, rows[metric], shared, paper, colors, label)
     _draw_law(ax, *choose_law(law, fallback), rows["gflops"].min(), rows["gflops"].max())
     fig.suptitle(f"Fig 8: {label} at step {step:,}; Pearson r(FID, log10 Gflops) = {corr:.3f}", fontsize=10)
     _legend_outside(ax)
