@@ -164,6 +164,12 @@ class GridSweep:
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
             _fail(f"these cells appear more than once in the grid: {sorted(dupes)}")
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        conflicts = _foreign_cells(sweep_dir, str(self.config.sweep_name), [c for _, c in cfgs])
+        if conflicts:
+            _fail(f"{sweep_dir} already holds results that would mix with this grid's; nothing was created or "
+                  "submitted (use another sweep_name=... or out_dir=..., or move the old run folders away):\n  - "
+                  + "\n  - ".join(conflicts))
         rows = [plan_row(c) for _, c in cfgs]
         done = {hconfig.cell_id(c) for _, c in cfgs if cell_done(c)}
         print(f"sweep folder: {Path(str(self.config.hydra.sweep.dir)).resolve()}", flush=True)
@@ -171,7 +177,6 @@ class GridSweep:
         if self.config.plan:
             return []
 
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         _record_sweep(sweep_dir, self.config, ids)
         todo = [(o, c, r) for (o, c), r in zip(cfgs, rows) if r["cell_id"] not in done]
         if _is_submitit(self.launcher):
@@ -259,6 +264,45 @@ def _group_by_resources(todo: list) -> dict:
         key = tuple(sorted(item[2]["resources"].items()))
         groups.setdefault(key, []).append(item)
     return groups
+
+
+def _coords(facts: dict) -> tuple:
+    """Where a cell sits in a grid: two cells with the same coordinates must have the same config."""
+    return (facts["model"], facts["patch"], facts["cond"], facts["data"], facts["seed"])
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _foreign_cells(sweep_dir: Path, name: str, cfgs: list) -> list[str]:
+    """Why this grid must not be launched into `sweep_dir`: another sweep's folder, or an edited config.
+
+    An edited recipe gives every cell a new id (the config hash), so nothing would be overwritten; but the
+    folder would then hold two versions of the same cell and the results table would mix them.
+    """
+    from harness.train import cell_facts
+
+    meta = read_json(sweep_dir / "sweep.json")
+    if meta is not None and meta.get("name") != name:
+        return [f"it is the folder of sweep {meta.get('name')!r}, this grid is sweep_name={name!r}"]
+    ids = {hconfig.cell_id(c) for c in cfgs}
+    new = {_coords(cell_facts(c)): c for c in cfgs}
+    problems = []
+    for facts_path in sorted(sweep_dir.glob("*/cell.json")):
+        old = read_json(facts_path)
+        c = new.get(_coords(old))
+        if c is None or old["cell_id"] in ids:
+            continue
+        old_cfg = OmegaConf.load(facts_path.parent / "config.yaml")
+        before, after = _flat(hconfig.identity(old_cfg)), _flat(hconfig.identity(c))
+        diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                if before.get(k) != after.get(k)]
+        problems.append(f"{old['cell_id']} is the same cell with another config ({'; '.join(diff) or 'hash'})")
+    return problems
 
 
 def _record_sweep(sweep_dir: Path, config: DictConfig, ids: list[str]) -> None:

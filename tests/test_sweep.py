@@ -303,3 +303,16 @@ def test_cell_resources_give_the_expensive_cell_more_gpus_and_time():
     assert (big["gpus_per_node"], big["nodes"], big["tasks_per_node"]) == (4, 2, 4)  # 8 GPUs on two nodes
     assert big["timeout_min"] > small["timeout_min"]
     assert 256 % (big["gpus_per_node"] * big["nodes"]) == 0  # the global batch stays divisible
+
+
+def test_an_edited_recipe_or_another_sweep_is_refused_in_a_used_folder(failed_sweep, monkeypatch, capsys):
+    """Relaunching into a sweep folder with an edited config would put two versions of the same cells side
+    by side in the results; another sweep's name means another grid. Both are refused before anything."""
+    out, _ = failed_sweep
+    before = sorted(p.name for p in out.iterdir())
+    assert sweep_in_process(monkeypatch, out, "train.lr=0.002", "patch=2,8") == 2
+    err = capsys.readouterr().err
+    assert "same cell with another config" in err and "train.lr: 0.001 -> 0.002" in err, err
+    assert sweep_in_process(monkeypatch, out, "sweep_name=other", "train.lr=0.001", "patch=2,8") == 2
+    assert "it is the folder of sweep 'default'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
