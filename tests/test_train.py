@@ -172,3 +172,21 @@ def test_batch_plan_rejects_indivisible():
         batch_plan(15, 2, None)
     with pytest.raises(ValueError, match="does not divide"):
         batch_plan(16, 2, 3)
+
+
+def test_an_s_size_cell_learns_on_the_digits_default(tmp_path):
+    """Issue acceptance: a paper-size DiT-S (12 blocks, width 384) on the embedded digits (16x16, the data
+    config's default) trains on the CPU with the paper's learning rate, and both losses fall."""
+    out = tmp_path / "s4"
+    cmd = [sys.executable, "-m", "harness.train", "model=S", "patch=4", "data=digits", "train=demo",
+           "train.lr=1e-4", "train.global_batch=16", "train.steps=30", "train.log_every=5", "train.val_every=15",
+           "train.val_batch=64", "train.ckpt_every=30", "device=cpu", f"out_dir={out}"]
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True)
+    run_dir = _only_run_dir(out)
+    facts = read_json(run_dir / "cell.json")
+    assert (facts["model"], facts["params"] > 30e6, facts["tokens"]) == ("S", True, 16)
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    losses = [r["loss"] for r in recs if "loss" in r]
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert len(vals) == 2 and vals[-1] < vals[0], vals
+    assert losses[-1] < losses[0], losses
