@@ -90,6 +90,20 @@ def checkpoint_source(run_dir: Path, step: int) -> dict:
     return {"checkpoint": path.name, "checkpoint_sha256": sidecar.get("sha256")}
 
 
+def record_for(cfg: Any, run_dir: Path, step: int) -> tuple[Path, dict | None]:
+    """(where this evaluation's record goes, the record when it exists already with these settings).
+
+    The first evaluation of a step is `evals/step_N.json`; one with other settings goes beside it as
+    `evals/step_N_<settings hash>.json`, so no record is ever overwritten by another setting's.
+    """
+    first = Path(run_dir) / "evals" / f"step_{step}.json"
+    existing = read_json(first)
+    if existing is None or existing.get("settings_hash") == eval_hash(cfg):
+        return first, existing
+    other = first.with_name(f"step_{step}_{eval_hash(cfg)}.json")
+    return other, read_json(other)
+
+
 def load_cell_model(cfg: Any, run_dir: Path, step: int, weights: str, device: torch.device):
     """(model with the checkpoint's weights, codec, latent shape) of a cell; clear errors for bad input."""
     from harness import data, models
@@ -129,15 +143,9 @@ def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
         raise ValueError("bad evaluation settings:\n  - " + "\n  - ".join(problems))
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
     settings = eval_settings(cfg)
-    record_path = run_dir / "evals" / f"step_{step}.json"
-    existing = read_json(record_path)
+    record_path, existing = record_for(cfg, run_dir, step)
     if existing is not None:
-        if existing.get("settings_hash") == eval_hash(cfg):
-            return existing
-        record_path = run_dir / "evals" / f"step_{step}_{eval_hash(cfg)}.json"
-        existing = read_json(record_path)
-        if existing is not None:
-            return existing
+        return existing
 
     env = distributed.init(cfg.device)
     t0 = time.perf_counter()

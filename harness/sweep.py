@@ -113,7 +113,9 @@ def format_plan(rows: list[dict], skipped: set[str]) -> str:
 
 
 def cell_done(cfg: Any) -> bool:
-    """True when the cell's training is finished and every configured evaluation has its record."""
+    """True when the cell's training is finished and every configured evaluation has its record, made
+    with the current evaluation settings (another preset is work still to do)."""
+    from harness.evaluate import record_for
     from harness.train import run_dir_for
 
     run_dir = run_dir_for(cfg)
@@ -121,7 +123,7 @@ def cell_done(cfg: Any) -> bool:
         return False
     if cfg.stage == "train":
         return True
-    return all((run_dir / "evals" / f"step_{s}.json").exists() for s in hconfig.eval_steps(cfg))
+    return all(record_for(cfg, run_dir, s)[1] is not None for s in hconfig.eval_steps(cfg))
 
 
 class GridSweep:

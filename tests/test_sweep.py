@@ -316,3 +316,13 @@ def test_an_edited_recipe_or_another_sweep_is_refused_in_a_used_folder(failed_sw
     assert sweep_in_process(monkeypatch, out, "sweep_name=other", "train.lr=0.001", "patch=2,8") == 2
     assert "it is the folder of sweep 'default'" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_cell_is_done_only_for_the_evaluation_settings_it_has(failed_sweep):
+    """A relaunch with another evaluation preset is work to do (the new records), not a finished cell."""
+    from harness.evaluate import load_run_config
+
+    out, _ = failed_sweep
+    good = next(p for p in out.iterdir() if p.is_dir() and read_json(p / "status.json", {}).get("state") == "finished")
+    assert sweep.cell_done(load_run_config(good, []))
+    assert not sweep.cell_done(load_run_config(good, ["eval.num_samples=24"]))
