@@ -20,3 +20,15 @@ def _harness_test_env(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def one_thread():
+    """In-process torch on one thread, as the subprocesses of helpers.one_thread_env compute; also much
+    faster for tiny tensors on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -58,13 +58,8 @@ def gaussian_data_oracle(diffusion_steps, data_std):
     return model_fn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny; on a shared 2-core machine intra-op threads only add contention (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These tensors are tiny; on a shared 2-core machine intra-op threads only add contention (10x slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----- schedule and respacing -----

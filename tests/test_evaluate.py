@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -18,6 +17,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread_env
 
 from harness import checkpoint, evaluate, metrics, models
 
@@ -42,26 +42,8 @@ METRIC_KEYS = {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision",
 SHARD_LINE = re.compile(r"shard (\d+) \[\d+, \d+\) (kept|sampled)")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One HARNESS_CACHE for the module, so the digits extractor trains once."""
-    return tmp_path_factory.mktemp("harness_cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(cache, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(cache))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # in-process sampling computes as the one-thread subprocesses do
-    yield
-    torch.set_num_threads(before)
-
-
-def _env(cache: Path) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARNESS_NO_BAR="1", WANDB_MODE="disabled",
-               HARNESS_CACHE=str(cache))
-    return env
+# in-process sampling computes as the one-thread subprocesses do
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _evaluate_cmd(run: Path, *extra: str) -> list[str]:
@@ -69,21 +51,21 @@ def _evaluate_cmd(run: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache) -> Path:
+def trained(tmp_path_factory) -> Path:
     """A tiny digits cell trained by `python -m harness.train` to STEPS, checkpoints at 2 and 4."""
     out = tmp_path_factory.mktemp("eval_runs")
     cmd = [sys.executable, "-m", "harness.train", *TINY, f"out_dir={out}", f"train.steps={STEPS}",
            "train.ckpt_every=2"]
-    subprocess.run(cmd, check=True, env=_env(cache), capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, env=one_thread_env(), capture_output=True, timeout=300)
     (run,) = [p for p in out.iterdir() if (p / "cell.json").exists()]
     assert checkpoint.list_steps(run / "checkpoints") == [2, STEPS]
     return run
 
 
 @pytest.fixture(scope="module")
-def straight(trained, cache) -> dict:
+def straight(trained) -> dict:
     """The uninterrupted evaluation of the trained cell: its record, samples and stderr."""
-    r = subprocess.run(_evaluate_cmd(trained), env=_env(cache), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_evaluate_cmd(trained), env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((trained / "evals" / f"step_{STEPS}.json").read_text())
     with np.load(trained / record["samples"]) as f:
@@ -119,10 +101,10 @@ def test_train_evaluate_round_trip_record_has_every_schema_field(trained, straig
     assert f"step {STEPS}: " in straight["stdout"] and "fid=" in straight["stdout"]
 
 
-def test_killed_evaluation_resumes_without_redoing_finished_shards(trained, straight, cache, tmp_path,
+def test_killed_evaluation_resumes_without_redoing_finished_shards(trained, straight, tmp_path,
                                                                    caplog):
     run = _copy_run(trained, tmp_path / "run")
-    proc = subprocess.Popen(_evaluate_cmd(run), env=_env(cache), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_evaluate_cmd(run), env=one_thread_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

@@ -4,7 +4,6 @@ the paper's label and uint8 rules, guidance and DDIM options, and released-style
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread_env
 from omegaconf import OmegaConf
 
 from harness import checkpoint, distributed, models, sample
@@ -25,20 +25,8 @@ STEP = 2
 CPU = torch.device("cpu")
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    # one thread: CPU kernels then reduce in a fixed order, so separate processes compute bitwise alike
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARNESS_NO_BAR="1", WANDB_MODE="disabled")
-    return env
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run in-process sampling on one thread too, so it matches the subprocesses bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# in-process sampling on one thread too, so it matches the subprocesses bit for bit
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -92,7 +80,7 @@ def test_same_samples_for_one_or_two_processes_and_any_batch_size(run_dir, tmp_p
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={_free_port()}", "-m", "harness.sample",
                 *_sample_args(run_dir, tmp_path / "ddp", 5)]
-    r = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(torchrun, env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sampled on rank 1" in r.stderr  # the second process really took shards
 

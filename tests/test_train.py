@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_thread_env
 
 from harness import checkpoint
 from harness.runfolder import read_json, read_jsonl
@@ -21,13 +21,6 @@ TINY = [
     "train.val_batch=32", "train.log_every=2", "train.val_every=10", "train.keep_last=100",
     "eval=digits", "device=cpu",
 ]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    # one thread: CPU kernels then reduce in a fixed order, so reruns are bitwise identical
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARNESS_NO_BAR="1", WANDB_MODE="disabled")
-    return env
 
 
 def _train_cmd(out_dir: Path, *extra: str) -> list[str]:
@@ -63,13 +56,13 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(tmp_path):
     steps, every = 40, 5
     extra = [f"train.steps={steps}", f"train.ckpt_every={every}"]
     straight = tmp_path / "straight"
-    subprocess.run(_train_cmd(straight, *extra), check=True, env=_env(), capture_output=True)
+    subprocess.run(_train_cmd(straight, *extra), check=True, env=one_thread_env(), capture_output=True)
 
     killed = tmp_path / "killed"
     kills = 0
     # Kill right after checkpoint 5 appears, a little after 15, and a little after 30 (mid-step or mid-write).
     for target, delay_s in ((5, 0.0), (15, 0.05), (30, 0.13)):
-        proc = subprocess.Popen(_train_cmd(killed, *extra), env=_env(),
+        proc = subprocess.Popen(_train_cmd(killed, *extra), env=one_thread_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -83,7 +76,7 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(tmp_path):
             kills += 1
         proc.wait()
     assert kills >= 2, "the run finished before it could be killed: make it longer"
-    subprocess.run(_train_cmd(killed, *extra), check=True, env=_env(), capture_output=True)
+    subprocess.run(_train_cmd(killed, *extra), check=True, env=one_thread_env(), capture_output=True)
 
     a, b = _final_state(straight, steps), _final_state(killed, steps)
     for key in ("model", "ema", "opt"):
@@ -96,7 +89,7 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(tmp_path):
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     out = tmp_path / "run"
-    subprocess.run(_train_cmd(out, "train.steps=10", "train.ckpt_every=5"), check=True, env=_env(),
+    subprocess.run(_train_cmd(out, "train.steps=10", "train.ckpt_every=5"), check=True, env=one_thread_env(),
                    capture_output=True)
     ckpts = _only_run_dir(out) / "checkpoints"
     newest = checkpoint.ckpt_path(ckpts, 10)
@@ -109,11 +102,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
 def test_two_gloo_processes_match_one_process(tmp_path):
     extra = ["train.steps=4", "train.ckpt_every=4", "train.global_batch=16"]
     one = tmp_path / "one"
-    subprocess.run(_train_cmd(one, *extra), check=True, env=_env(), capture_output=True)
+    subprocess.run(_train_cmd(one, *extra), check=True, env=one_thread_env(), capture_output=True)
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                 "-m", "harness.train", *TINY, f"out_dir={two}", *extra]
-    r = subprocess.run(torchrun, env=_env(), capture_output=True, text=True)
+    r = subprocess.run(torchrun, env=one_thread_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _final_state(one, 4)["model"], _final_state(two, 4)["model"]
     for k in a:
@@ -126,7 +119,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 def test_non_finite_loss_stops_the_cell_as_failed(tmp_path):
     out = tmp_path / "nan"
     r = subprocess.run(_train_cmd(out, "train.steps=20", "train.lr=1e30", "train.ckpt_every=20"),
-                       env=_env(), capture_output=True, text=True)
+                       env=one_thread_env(), capture_output=True, text=True)
     assert r.returncode != 0
     status = read_json(_only_run_dir(out) / "status.json")
     assert status["state"] == "failed" and "non-finite" in status["reason"]
@@ -137,7 +130,7 @@ def test_loss_and_val_loss_fall_on_digits(tmp_path):
     out = tmp_path / "learn"
     subprocess.run(_train_cmd(out, "train.steps=60", "train.ckpt_every=60", "train.val_every=20",
                               "train.log_every=10", "model.hidden_size=64"),
-                   check=True, env=_env(), capture_output=True)
+                   check=True, env=one_thread_env(), capture_output=True)
     recs = read_jsonl(_only_run_dir(out) / "metrics.jsonl")
     losses = [r["loss"] for r in recs if "loss" in r]
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
@@ -146,12 +139,13 @@ def test_loss_and_val_loss_fall_on_digits(tmp_path):
 
 def test_bad_input_fails_before_training_and_leaves_checkpoints(tmp_path):
     out = tmp_path / "bad"
-    subprocess.run(_train_cmd(out, "train.steps=5", "train.ckpt_every=5"), check=True, env=_env(),
+    subprocess.run(_train_cmd(out, "train.steps=5", "train.ckpt_every=5"), check=True, env=one_thread_env(),
                    capture_output=True)
     before = {p.name: p.stat().st_mtime_ns for p in (_only_run_dir(out) / "checkpoints").iterdir()}
     for bad in (["patch=3"], ["data=imagenet256", "data.path=/no/such/folder"],
                 ["train.global_batch=15", "resources.gpus_per_node=2"]):
-        r = subprocess.run(_train_cmd(out, "train.steps=10", *bad), env=_env(), capture_output=True, text=True)
+        r = subprocess.run(_train_cmd(out, "train.steps=10", *bad), env=one_thread_env(), capture_output=True,
+                           text=True)
         assert r.returncode != 0
         assert any(word in r.stderr for word in ("patch", "folder", "divisible")), r.stderr[-2000:]
     after = {p.name: p.stat().st_mtime_ns for p in (_only_run_dir(out) / "checkpoints").iterdir()}
@@ -181,7 +175,7 @@ def test_an_s_size_cell_learns_on_the_digits_default(tmp_path):
     cmd = [sys.executable, "-m", "harness.train", "model=S", "patch=4", "data=digits", "train=demo",
            "train.lr=1e-4", "train.global_batch=16", "train.steps=30", "train.log_every=5", "train.val_every=15",
            "train.val_batch=64", "train.ckpt_every=30", "device=cpu", f"out_dir={out}"]
-    subprocess.run(cmd, check=True, env=_env(), capture_output=True)
+    subprocess.run(cmd, check=True, env=one_thread_env(), capture_output=True)
     run_dir = _only_run_dir(out)
     facts = read_json(run_dir / "cell.json")
     assert (facts["model"], facts["params"] > 30e6, facts["tokens"]) == ("S", True, 16)
