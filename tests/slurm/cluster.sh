@@ -235,6 +235,13 @@ start_slurm() {
   wait_for sacct sacct -n -X
 }
 
+# A multi-task job's processes meet at the job's first node by name (torch.distributed's MASTER_ADDR comes
+# from SLURM_JOB_NODELIST), as on a real cluster; make the test node's name resolve to this machine.
+resolve_node() {
+  getent hosts "$NODE" > /dev/null && return 0
+  echo "127.0.0.1 $NODE  # added by harness tests/slurm/cluster.sh" >> /etc/hosts
+}
+
 up() {
   local t0 reason
   t0="$(now)"
@@ -255,6 +262,7 @@ up() {
   chmod 755 "$DIR" "$DIR/munge"
   install_packages
   write_configs
+  resolve_node
   export SLURM_CONF="$DIR/etc/slurm.conf"
   local t1; t1="$(now)"
   start_munge;   echo "munge up        $(elapsed "$t1") s"

@@ -265,3 +265,30 @@ def test_a_killed_cell_is_named_and_the_others_finish(tmp_path):
     assert victim.name in text[text.index("cell(s) failed"):], text[-3000:]
     st = read_json(victim / "status.json")
     assert st["state"] == "failed" and st["reason"], st
+
+
+def test_a_two_gpu_cell_trains_as_ddp_across_its_tasks(tmp_path, slurm_cluster):
+    """A cell the resource rule gives two GPUs runs as one SLURM job of two tasks that join one process
+    group (gloo here, from submitit's job environment) and reach the parameters a single process reaches
+    at the same global batch: the global batch, not the GPU count, is the experimental variable."""
+    two = tmp_path / "two"
+    # An hour budget of ~0 per job makes the rule double the GPUs up to max_gpus=2 (one node of two).
+    r = run_sweep(two, f"train.steps={STEPS}", "resources.gpus_per_node=2", "resources.max_gpus=2",
+                  "resources.gpu_hours_per_gpu_job_max=1e-12")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run_dir,) = run_dirs(two).values()
+    assert_finished(run_dir, STEPS, attempts=1)
+    job = wait_for("the cell's sacct record", lambda: [
+        tres for job_id, (state, tres) in sacct_jobs().items()
+        if state == "COMPLETED" and job_id.split("_")[0] in {p.name for p in (two / ".submitit").iterdir()}])
+    assert "gres/gpu=2" in job[0], job
+
+    one = tmp_path / "one"
+    cmd = [sys.executable, "-m", "harness.train", *TINY_CELL, f"train.steps={STEPS}", f"out_dir={one}"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=SWEEP_TIMEOUT_S)
+    (single,) = [p for p in one.iterdir() if (p / "cell.json").exists()]
+    a = checkpoint.load(checkpoint.ckpt_path(single / "checkpoints", STEPS))["model"]
+    b = checkpoint.load(checkpoint.ckpt_path(run_dir / "checkpoints", STEPS))["model"]
+    for k in a:
+        rel = float((a[k] - b[k]).norm() / max(float(a[k].norm()), 1e-12))
+        assert rel < 1e-5, f"{k}: relative error {rel:.2e} between 2 SLURM tasks and 1 process"
