@@ -167,14 +167,14 @@ class GridSweep:
         if dupes:
             _fail(f"these cells appear more than once in the grid: {sorted(dupes)}")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        conflicts = _foreign_cells(sweep_dir, str(self.config.sweep_name), [c for _, c in cfgs])
+        rows = [plan_row(c) for _, c in cfgs]
+        conflicts = _foreign_cells(sweep_dir, str(self.config.sweep_name), [(c, r) for (_, c), r in zip(cfgs, rows)])
         if conflicts:
             _fail(f"{sweep_dir} already holds results that would mix with this grid's; nothing was created or "
                   "submitted (use another sweep_name=... or out_dir=..., or move the old run folders away):\n  - "
                   + "\n  - ".join(conflicts))
-        rows = [plan_row(c) for _, c in cfgs]
         done = {hconfig.cell_id(c) for _, c in cfgs if cell_done(c)}
-        print(f"sweep folder: {Path(str(self.config.hydra.sweep.dir)).resolve()}", flush=True)
+        print(f"sweep folder: {sweep_dir.resolve()}", flush=True)
         print(format_plan(rows, done), flush=True)
         if self.config.plan:
             return []
@@ -280,19 +280,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _foreign_cells(sweep_dir: Path, name: str, cfgs: list) -> list[str]:
+def _foreign_cells(sweep_dir: Path, name: str, cells: list[tuple[Any, dict]]) -> list[str]:
     """Why this grid must not be launched into `sweep_dir`: another sweep's folder, or an edited config.
 
     An edited recipe gives every cell a new id (the config hash), so nothing would be overwritten; but the
     folder would then hold two versions of the same cell and the results table would mix them.
     """
-    from harness.train import cell_facts
-
     meta = read_json(sweep_dir / "sweep.json")
     if meta is not None and meta.get("name") != name:
         return [f"it is the folder of sweep {meta.get('name')!r}, this grid is sweep_name={name!r}"]
-    ids = {hconfig.cell_id(c) for c in cfgs}
-    new = {_coords(cell_facts(c)): c for c in cfgs}
+    ids = {row["cell_id"] for _, row in cells}
+    new = {_coords(row): c for c, row in cells}  # the plan rows already hold each cell's facts
     problems = []
     for facts_path in sorted(sweep_dir.glob("*/cell.json")):
         old = read_json(facts_path)
