@@ -40,6 +40,17 @@ def save(ckpt_dir: str | Path, step: int, state: dict) -> Path:
     return path
 
 
+def checkpoint_source(ckpt_dir: str | Path, step: int) -> dict:
+    """Returns the checkpoint's file name and sha256 (its sidecar's): what made a samples folder, kept valid
+    when the run folder is moved or copied."""
+    path = ckpt_path(ckpt_dir, step)
+    try:
+        sidecar = read_json(path.with_suffix(".json")) or {}
+    except ValueError:
+        sidecar = {}
+    return {"checkpoint": path.name, "checkpoint_sha256": sidecar.get("sha256")}
+
+
 def list_steps(ckpt_dir: str | Path) -> list[int]:
     """Steps of the checkpoint files present (valid or not), ascending."""
     folder = Path(ckpt_dir)
@@ -51,7 +62,12 @@ def list_steps(ckpt_dir: str | Path) -> list[int]:
 def verify(path: str | Path) -> str | None:
     """None when the checkpoint matches its sidecar checksum, else the reason it cannot be trusted."""
     path = Path(path)
-    meta = read_json(path.with_suffix(".json"))
+    try:
+        meta = read_json(path.with_suffix(".json"))
+    except ValueError:
+        return "its checksum sidecar is torn (the write was interrupted)"
+    if not isinstance(meta, dict):
+        meta = None
     if meta is None:
         return "no checksum sidecar (the write was interrupted)"
     sha = file_sha256(path)
@@ -61,6 +77,7 @@ def verify(path: str | Path) -> str | None:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Returns the checkpoint's dict; weights_only: a checkpoint holds state dicts and plain data, no code."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

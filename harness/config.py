@@ -1,100 +1,176 @@
 """Typed configuration of one cell, registered with Hydra's ConfigStore.
 
 Every component receives only its own sub-config. The schema is structured (dataclasses), so a typo in a
-key or a wrong type is an error at composition time, never a silent default. `validate(cfg)` adds the
-checks a type cannot express (allowed values, divisibility, paths) and returns every problem at once,
-so the sweep can report a whole grid's bad values before anything is submitted.
+key or a wrong type is an error at composition time, never a silent default. The checks a type cannot
+express (allowed values, divisibility, paths) live with the cell (`harness.cell.validate`), which reports
+every problem of a grid at once, before anything is submitted.
+
+Each field also says whether it is part of a cell's identity (the hash in its run-folder name), with one of
+three roles, so that upgrading the harness never renames a cell of a running study:
+- `identity(x)`: a field every cell id has hashed since the first release, with its value, default or not;
+- `runtime(x)`: never part of the identity (how a run is observed, where and how fast it runs);
+- no role (a plain default): a field added later. It enters the hash only when its value differs from its
+  `neutral` value (metadata; default: the field's default), the value that reproduces what cells did
+  before the field existed. So adding a defaulted field leaves every existing cell id unchanged, and a
+  cell that sets it to something else is a new cell.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
+
+from harness.cli import BadInput
+
+# One home for the repository's folders: the Hydra config tree and the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
 
 PRECISIONS = ("auto", "fp32", "bf16")
-SAMPLERS = ("ddpm", "ddim")
+DDPM_SAMPLERS = ("ddpm", "ddim")
+FLOW_SAMPLERS = ("euler", "heun", "sde")
+SAMPLERS = DDPM_SAMPLERS + FLOW_SAMPLERS
+OBJECTIVES = ("ddpm", "flow")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+PARAMETRIZATIONS = ("sp", "mup")
 LABEL_SAMPLINGS = ("uniform", "balanced")
 WEIGHTS = ("ema", "model")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
+STAGES = ("all", "train", "eval")
+
+ROLE = "identity_role"  # dataclass field metadata key
+ALWAYS, NEVER = "always", "never"
+NEUTRAL = "neutral"  # metadata key: the value under which an added field stays out of the hash
+APPLIES_IF = "applies_if"  # metadata key: (sibling field, value) without which the field has no effect
+
+
+def identity(default: Any) -> Any:
+    """A field that has always named the cell: hashed with its value, default or not."""
+    return field(default=default, metadata={ROLE: ALWAYS})
+
+
+def runtime(default: Any = MISSING, *, factory: Any = None) -> Any:
+    """A field that never names the cell (bookkeeping, speed, where results go)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={ROLE: NEVER})
+    return field(default=default, metadata={ROLE: NEVER})
+
+
+def added(default: Any, *, neutral: Any, applies_if: tuple[str, Any] | None = None) -> Any:
+    """A field added after cells existed: hashed only when its value differs from `neutral` (and, with
+    `applies_if=(sibling, value)`, only when the sibling field holds that value: otherwise it has no effect)."""
+    meta = {NEUTRAL: neutral}
+    if applies_if is not None:
+        meta[APPLIES_IF] = applies_if
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
     """Transformer size; patch and conditioning are swept keys of the cell, not of the size."""
 
-    name: str = MISSING  # S, B, L, XL, or an off-paper label such as "demo-2x64"
-    depth: int = MISSING
-    hidden_size: int = MISSING
-    num_heads: int = MISSING
-    off_paper: bool = False  # true for sizes the paper never trained (CPU demo): labelled in every table
-    grad_checkpoint: bool = False
+    name: str = identity(MISSING)  # S, B, L, XL, or an off-paper label such as "demo-S"
+    depth: int = identity(MISSING)
+    hidden_size: int = identity(MISSING)
+    num_heads: int = identity(MISSING)
+    off_paper: bool = identity(False)  # sizes the paper never trained (CPU demo): labelled in every table
+    grad_checkpoint: bool = runtime(False)
+    # sp: the paper's standard parametrization. mup: maximal update parametrization (Yang et al., Tensor
+    # Programs V), whose best learning rate at mup_base_width transfers to wider models.
+    parametrization: str = added("sp", neutral="sp")
+    mup_base_width: int | None = added(None, neutral=None, applies_if=("parametrization", "mup"))
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | imagefolder | latents | synthetic
-    path: str | None = None  # image folder root or latent shard folder
-    image_size: int = 16  # pixel resolution (digits are resized to it; ImageNet 256 or 512)
-    num_classes: int = 10
-    channels: int = 1  # pixel channels of the data set (digits 1, ImageNet 3)
-    vae: str = "stabilityai/sd-vae-ft-ema"  # hub id or local folder; unused in pixel space
-    synthetic_count: int = 4096
+    name: str = identity("digits")  # a kind of harness.data.DATA_KINDS: digits | imagefolder | latents | synthetic
+    path: str | None = identity(None)  # image folder root or latent shard folder
+    image_size: int = identity(16)  # pixel resolution (digits are resized to it; ImageNet 256 or 512)
+    num_classes: int = identity(10)
+    channels: int = identity(1)  # pixel channels of the data set (digits 1, ImageNet 3)
+    vae: str = identity("stabilityai/sd-vae-ft-ema")  # hub id or local folder; unused in pixel space
+    synthetic_count: int = identity(4096)
+
+
+FLOW = ("name", "flow")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the network learns. ddpm: the paper's (1000-step linear schedule, eps prediction, learned sigma,
+    hybrid loss). flow: rectified flow (linear interpolant, velocity prediction; SiT, SD3)."""
+
+    name: str = added("ddpm", neutral="ddpm")
+    time_sampling: str = added("uniform", neutral="uniform", applies_if=FLOW)  # uniform | logit_normal (SD3)
+    logit_normal_loc: float = added(0.0, neutral=0.0, applies_if=FLOW)
+    logit_normal_scale: float = added(1.0, neutral=1.0, applies_if=FLOW)
 
 
 @dataclass
 class TrainConfig:
-    """The paper's recipe (section 4 and DIT_FACTS.md) is the default; the global batch is the variable."""
+    """The paper's recipe (section 4: AdamW 1e-4, batch 256, EMA 0.9999, 400K steps): the defaults here are
+    its one home; `conf/train/paper.yaml` selects them. The global batch is the experimental variable."""
 
-    steps: int = 400_000
-    global_batch: int = 256
-    batch_per_gpu: int | None = None  # micro-batch per process; None: global_batch / world_size
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    class_dropout_prob: float = 0.1
-    log_every: int = 100
-    val_every: int = 1000
-    val_batch: int = 256  # size of the fixed validation batch (fixed images, timesteps and noise)
-    ckpt_every: int = 50_000
-    keep_last: int = 2  # newest checkpoints kept besides those at evaluation steps
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast; master weights stay fp32). auto: bf16 on CUDA
-    tf32: bool = True
-    compile: bool | None = None  # torch.compile the model; None: on CUDA only
-    fused_adam: bool = True  # fused AdamW on CUDA, foreach on the CPU
-    num_workers: int = 2  # loader threads (prefetch); 0 loads in the training thread
-    wandb: str = "offline"  # offline | online | disabled
+    steps: int = identity(400_000)
+    global_batch: int = identity(256)
+    batch_per_gpu: int | None = runtime(None)  # micro-batch per process; None: global_batch / world_size
+    lr: float = identity(1e-4)
+    weight_decay: float = identity(0.0)
+    ema_decay: float = identity(0.9999)
+    class_dropout_prob: float = identity(0.1)
+    log_every: int = runtime(100)
+    val_every: int = runtime(5000)
+    val_batch: int = identity(256)  # size of the fixed validation batch (fixed images, timesteps and noise)
+    ckpt_every: int = runtime(50_000)
+    keep_last: int = runtime(2)  # newest checkpoints kept besides those at evaluation steps
+    precision: str = identity("auto")  # auto | fp32 | bf16 (autocast; master weights fp32). auto: bf16 on CUDA
+    tf32: bool = runtime(True)
+    compile: bool | None = runtime(None)  # torch.compile the model; None: on CUDA only
+    fused_adam: bool = runtime(True)  # fused AdamW on CUDA, foreach on the CPU
+    num_workers: int = runtime(2)  # loader threads (prefetch); 0 loads in the training thread
+    wandb: str = runtime("offline")  # offline | online | disabled
+    # A cell whose log reaches past its newest usable checkpoint (checkpoints deleted) refuses to train
+    # again from step 0 unless this is set; the restart is then marked in metrics.jsonl.
+    restart: bool = runtime(False)
 
 
 @dataclass
 class EvalConfig:
-    """How a checkpoint becomes a metric record (DIT_FACTS.md, Evaluation). Default: the grid's FID-50K."""
+    """How a checkpoint becomes a metric record (paper section 5). Default: the grid's FID-50K.
 
-    preset: str = "fid50k"
-    num_samples: int = 50_000
-    sampler: str = "ddpm"  # ddpm | ddim
-    sampling_steps: str = "250"  # respacing string; "ddim50" style for DDIM
-    cfg_scale: float = 1.0  # 1.0: no guidance (the grid's protocol)
-    cfg_channels: int | None = None  # None: guide every channel; 3 reproduces the public code
-    label_sampling: str = "uniform"  # uniform | balanced
-    weights: str = "ema"  # ema | model
-    every_steps: int = 50_000  # evaluate checkpoints at multiples of this (paper Fig 6)
-    at_steps: list[int] = field(default_factory=list)  # explicit steps; overrides every_steps when set
-    batch_size: int = 125
-    shard_size: int = 1000  # samples per resumable shard (independent of batch size and world size)
-    extractor: str | None = None  # None: digits-cnn for digits, inception-v3-compat otherwise
+    The roles name an evaluation record (harness.evaluate), as they name a cell: an evaluation made before a
+    field was added still counts as made with that field's neutral value."""
+
+    preset: str = runtime("fid50k")
+    num_samples: int = identity(50_000)
+    sampler: str = identity("ddpm")  # ddpm | ddim for objective=ddpm; euler | heun | sde for objective=flow
+    sampling_steps: str = identity("250")  # ddpm: respacing string ("250", "ddim50"); flow: number of steps ("50")
+    cfg_scale: float = identity(1.0)  # 1.0: no guidance (the grid's protocol)
+    cfg_channels: int | None = identity(None)  # None: guide every channel; 3 reproduces the public code
+    label_sampling: str = identity("uniform")  # uniform | balanced
+    weights: str = identity("ema")  # ema | model
+    every_steps: int = runtime(50_000)  # evaluate checkpoints at multiples of this (paper Fig 6)
+    at_steps: list[int] = runtime(factory=list)  # explicit steps; overrides every_steps when set
+    batch_size: int = runtime(125)
+    shard_size: int = runtime(1000)  # samples per resumable shard (independent of batch size and world size)
+    extractor: str | None = identity(None)  # None: the data set kind's extractor (digits-cnn, inception-v3-compat)
+    # Not part of a record's identity: a record made with fewer metrics is completed, never duplicated.
     metrics: list[str] = field(default_factory=lambda: ["fid", "isc", "kid", "prc"])
-    reference_split: str = "test"
+    reference_split: str = identity("train")  # ADM's reference is the training set; digits use their test split
     # ADM's reference batch (e.g. VIRTUAL_imagenet256_labeled.npz, arr_0 N x H x W x 3 uint8): the paper's
     # ImageNet statistics, without reading 1.28M images. None: the data set's own `reference_split`.
-    reference_npz: str | None = None
-    save_png: bool = False
-    seed: int = 0  # sample i uses seed (seed, i): the same images whatever the world size or batch
+    reference_npz: str | None = identity(None)
+    dinov2_model: str = added("dinov2-vit-l-14", neutral="dinov2-vit-l-14")  # the feature space of fd_dinov2
+    save_png: bool = runtime(False)
+    seed: int = identity(0)  # sample i uses seed (seed, i): the same images whatever the world size or batch
 
 
 @dataclass
@@ -113,19 +189,23 @@ class ResourcesConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    patch: int = 2
-    cond: str = "adaln_zero"
+    patch: int = identity(2)
+    cond: str = identity("adaln_zero")
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    seed: int = 0
-    sweep_name: str = "default"
-    out_dir: str = "outputs/${sweep_name}"  # the sweep folder; each cell writes <out_dir>/<cell_id>/
-    device: str = "auto"
-    plan: bool = False  # print the plan of the grid and exit
-    stage: str = "all"  # all | train | eval
-    report: bool = True  # write the sweep report when the last cell finishes
+    eval: EvalConfig = runtime(factory=EvalConfig)
+    resources: ResourcesConfig = runtime(factory=ResourcesConfig)
+    seed: int = identity(0)
+    sweep_name: str = runtime("default")
+    out_dir: str = runtime("outputs/${sweep_name}")  # the sweep folder; each cell writes <out_dir>/<cell_id>/
+    device: str = runtime("auto")
+    plan: bool = runtime(False)  # print the plan of the grid and exit
+    stage: str = runtime("all")  # all | train | eval
+    report: bool = runtime(True)  # write the sweep report when the last cell finishes
+    # Seconds to wait for a run folder held by another process (harness.lease). None: wait only when this
+    # is a requeued SLURM job whose previous attempt may still hold it; refuse at once otherwise.
+    lock_wait_s: float | None = runtime(None)
 
 
 def register_configs() -> None:
@@ -137,98 +217,30 @@ def register_configs() -> None:
 register_configs()
 
 
-# ---- validation: every problem at once, before any work ----
+def section_schema(name: str, schema: type | None = None) -> type | None:
+    """The dataclass of a config section (`model`, `train`, ...), None for a plain field."""
+    f = {f.name: f for f in dataclasses.fields(schema or Config)}.get(name)
+    if f is None or f.default_factory is dataclasses.MISSING:
+        return None
+    made = f.default_factory
+    return made if dataclasses.is_dataclass(made) else None
 
-def unknown_keys(cfg: Any, schema: type = None, prefix: str = "") -> list[str]:
-    """Keys present in `cfg` that the schema does not define (Hydra's `+key=value` can add them)."""
-    import dataclasses
 
+def unknown_keys(cfg: Any, schema: type | None = None, prefix: str = "") -> list[str]:
+    """Keys present in `cfg` that the schema (default: Config) does not define (Hydra's `+key=value` adds them)."""
     schema = schema or Config
-    known = {f.name: f for f in dataclasses.fields(schema)}
+    known = {f.name for f in dataclasses.fields(schema)}
     out = []
     for key in cfg:
         if key == "hydra" and not prefix:
             continue
         if key not in known:
-            out.append(f"unknown key {prefix}{key!s}; allowed: {', '.join(known)}")
+            out.append(f"unknown key {prefix}{key!s}; allowed: {', '.join(f.name for f in dataclasses.fields(schema))}")
             continue
-        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(cfg[key], DictConfig):
+        sub = section_schema(key, schema)
+        if sub is not None and isinstance(cfg[key], DictConfig):
             out += unknown_keys(cfg[key], sub, f"{prefix}{key}.")
     return out
-
-
-def validate(cfg: Any) -> list[str]:
-    """Return every problem with one cell's config as readable strings (empty when it is fine)."""
-    from harness import data, models
-
-    problems: list[str] = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
-    problems += data.validate_data(cfg.data)
-    try:
-        _, input_size = data.model_input_shape(cfg.data)
-    except ValueError:  # unknown data set: already reported above
-        input_size = None
-    problems += models.validate_arch(
-        cfg.model.name, cfg.patch, cfg.cond, input_size,
-        hidden_size=cfg.model.hidden_size, num_heads=cfg.model.num_heads,
-    )
-    t = cfg.train
-    for key in ("steps", "global_batch", "log_every", "val_every", "val_batch", "ckpt_every"):
-        if getattr(t, key) <= 0:
-            problems.append(f"train.{key}={getattr(t, key)} must be positive")
-    if t.keep_last < 1:
-        problems.append(f"train.keep_last={t.keep_last} must be at least 1")
-    if t.lr <= 0:
-        problems.append(f"train.lr={t.lr} must be positive")
-    if not 0.0 <= t.ema_decay < 1.0:
-        problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-    if not 0.0 <= t.class_dropout_prob < 1.0:
-        problems.append(f"train.class_dropout_prob={t.class_dropout_prob} must be in [0, 1)")
-    if t.precision not in PRECISIONS:
-        problems.append(f"train.precision={t.precision!r} is not one of {list(PRECISIONS)}")
-    if t.wandb not in WANDB_MODES:
-        problems.append(f"train.wandb={t.wandb!r} is not one of {list(WANDB_MODES)}")
-    for key in ("gpus_per_node", "nodes", "cpus_per_task", "max_gpus"):
-        if getattr(cfg.resources, key) < 1:
-            problems.append(f"resources.{key}={getattr(cfg.resources, key)} must be at least 1 "
-                            "(a cell is one process per GPU; on one machine the value is not used)")
-    world = cfg.resources.gpus_per_node * cfg.resources.nodes
-    if t.global_batch > 0 and world > 0 and t.global_batch % world:
-        problems.append(
-            f"train.global_batch={t.global_batch} is not divisible by the {world} GPUs "
-            f"(resources.gpus_per_node={cfg.resources.gpus_per_node} x nodes={cfg.resources.nodes})"
-        )
-    if t.batch_per_gpu is not None and t.global_batch > 0 and world > 0:
-        per_rank = t.global_batch // max(world, 1)
-        if t.batch_per_gpu <= 0 or per_rank % t.batch_per_gpu:
-            problems.append(
-                f"train.batch_per_gpu={t.batch_per_gpu} does not divide the per-GPU batch {per_rank}"
-            )
-    e = cfg.eval
-    if e.sampler not in SAMPLERS:
-        problems.append(f"eval.sampler={e.sampler!r} is not one of {list(SAMPLERS)}")
-    if e.label_sampling not in LABEL_SAMPLINGS:
-        problems.append(f"eval.label_sampling={e.label_sampling!r} is not one of {list(LABEL_SAMPLINGS)}")
-    if e.weights not in WEIGHTS:
-        problems.append(f"eval.weights={e.weights!r} is not one of {list(WEIGHTS)}")
-    if e.num_samples <= 0:
-        problems.append(f"eval.num_samples={e.num_samples} must be positive")
-    if e.batch_size <= 0 or e.shard_size <= 0:
-        problems.append(f"eval.batch_size={e.batch_size} and eval.shard_size={e.shard_size} must be positive")
-    if e.cfg_scale < 1.0:
-        problems.append(f"eval.cfg_scale={e.cfg_scale} must be >= 1 (1 means no guidance)")
-    if e.every_steps <= 0:
-        problems.append(f"eval.every_steps={e.every_steps} must be positive")
-    for s in e.at_steps:
-        if s <= 0 or (t.steps > 0 and s > t.steps):
-            problems.append(f"eval.at_steps contains {s}: evaluation steps must lie in 1..train.steps={t.steps}")
-    if cfg.device not in DEVICES:
-        problems.append(f"device={cfg.device!r} is not one of {list(DEVICES)}")
-    if cfg.stage not in ("all", "train", "eval"):
-        problems.append(f"stage={cfg.stage!r} is not one of ['all', 'train', 'eval']")
-    if cfg.seed < 0:
-        problems.append(f"seed={cfg.seed} must be non-negative")
-    return problems
 
 
 def eval_steps(cfg: Any) -> list[int]:
@@ -241,37 +253,26 @@ def eval_steps(cfg: Any) -> list[int]:
     return sorted(steps)
 
 
-# ---- identity: run folders are named from their config ----
-
-# The parts of a cell config that change what is trained. Evaluation, resources and bookkeeping settings
-# are left out on purpose: re-evaluating a cell with another preset, or giving it more GPUs, is the same
-# cell (the global batch, not the GPU count, is the experimental variable).
-IDENTITY_KEYS = ("model", "patch", "cond", "data", "train", "seed")
-TRAIN_KEYS_NOT_IDENTITY = (
-    "log_every", "val_every", "ckpt_every", "keep_last", "compile", "tf32", "fused_adam",
-    "num_workers", "wandb", "batch_per_gpu",
-)
-MODEL_KEYS_NOT_IDENTITY = ("grad_checkpoint",)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+def compact_error(e: BaseException) -> str:
+    """Returns Hydra's composition error in one line: what was wrong and, for a missing option, what is allowed."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # Hydra keeps the reason of a bad override (wrong type, unknown key) in the chained OmegaConf error.
+    cause = [ln.strip() for ln in str(e.__cause__ or "").splitlines() if ln.strip()][:1]
+    lines += [ln for ln in cause if ln not in lines]
+    if not lines:
+        return type(e).__name__
+    if "Available options" in str(e):
+        i = next(k for k, ln in enumerate(lines) if ln.startswith("Available options"))
+        options = [ln for ln in lines[i + 1:] if not ln.startswith(("Config search path", "provider="))]
+        return f"{lines[0]}; allowed: {', '.join(options)}"
+    return " ".join(ln for ln in lines if not ln.startswith(("full_key", "object_type", "provider=")))[:400]
 
 
-def identity(cfg: Any) -> dict:
-    """The canonical dict that names a cell: what changes the trained network, nothing else."""
-    ident = {k: _plain(cfg[k]) for k in IDENTITY_KEYS}
-    ident["train"] = {k: v for k, v in ident["train"].items() if k not in TRAIN_KEYS_NOT_IDENTITY}
-    ident["model"] = {k: v for k, v in ident["model"].items() if k not in MODEL_KEYS_NOT_IDENTITY}
-    return ident
-
-
-def config_hash(cfg: Any) -> str:
-    """sha256 of the canonical JSON of the cell's identity (64 hex digits)."""
-    blob = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def cell_id(cfg: Any) -> str:
-    """Readable, deterministic run-folder name, e.g. `DiT-B-4_adaln_zero_digits_s0_1a2b3c4d`."""
-    return f"DiT-{cfg.model.name}-{cfg.patch}_{cfg.cond}_{cfg.data.name}_s{cfg.seed}_{config_hash(cfg)[:8]}"
+def compose(overrides: list[str]) -> DictConfig:
+    """Returns one cell's config composed from conf/ (and the named grids of sweeps/) with `overrides`;
+    BadInput with Hydra's error in one line for an unknown key, option or a wrong type."""
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="harness"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001 - every composition error is an error in the overrides or files
+        raise BadInput(compact_error(e)) from e
