@@ -3,6 +3,12 @@
 The adaLN-Zero model keeps the parameter names of facebookresearch/DiT, so its released checkpoints load
 strictly. The in-context, cross-attention and adaLN variants (paper section 3.2) were never released;
 their exact shape is reconstructed from Table 4 of the paper (see the note above `CONDS`).
+
+Two parametrizations (`PARAMETRIZATIONS`): the paper's standard one, "sp", and "mup", the maximal update
+parametrization of Yang et al. (Tensor Programs V, 2022), under which the best learning rate found at a
+small base width transfers to wide models (shown for DiT by Zheng et al., 2025). muP changes numbers
+only, all decided here at construction: the attention logit scale, the readout multiplier and two
+initial scales; the per-layer learning rates live in harness/mup.py. docs/mup.md has the layer table.
 """
 
 import math
@@ -13,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from harness.config import PARAMETRIZATIONS  # the allowed names live with the config that chooses them
 
 # The model grid (paper Table 1). Patch size and conditioning are separate, swept choices.
 MODEL_SIZES = {
@@ -45,6 +53,8 @@ CONDS = ("in_context", "cross_attn", "adaln", "adaln_zero")
 COND_TOKENS = 2         # t and y: the sequence the in-context and cross-attention variants condition on
 MLP_RATIO = 4.0         # MLP width / model width
 FREQ_EMBED_DIM = 256    # sinusoidal timestep features fed to the timestep MLP
+EMBED_INIT_STD = 0.02   # public init std of the label table and of the timestep MLP's weights
+# "sp": the paper's standard parametrization. "mup": muP (Yang et al. 2022), relative to a base width.
 
 
 def modulate(x, shift, scale):
@@ -141,29 +151,54 @@ class PatchEmbed(nn.Module):
 #                         Attention and MLP                                     #
 #################################################################################
 
+def attention_scale(head_dim, width_mult=1.0):
+    """Returns the factor on the attention logits q.k: 1/sqrt(head_dim) shrunk by 1/sqrt(width_mult).
+
+    width_mult 1 (sp, or muP at its base width) gives exactly the usual 1/sqrt(head_dim) (scaled dot
+    product attention's default, bit for bit). Under muP the base model keeps the number of heads, so the
+    head dim grows with width_mult and this equals sqrt(base_head_dim) / head_dim: muP's 1/head_dim
+    (TP5 section 4: after training q and k are correlated, so q.k grows like head_dim, and only
+    1/head_dim keeps the logits O(1)), with the constant that makes it the base model's 1/sqrt(base_head_dim).
+    """
+    return 1 / math.sqrt(head_dim) / math.sqrt(width_mult)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (timm's layout, so public weights load)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, scale=None):
         super().__init__()
         self.num_heads = num_heads
+        self.scale = attention_scale(dim // num_heads) if scale is None else scale  # on the logits q.k
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def _heads(self, x):
+        """Returns q, k, v, each (N, heads, T, D / heads), of (N, T, D) tokens."""
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                           # each (N, heads, T, D / heads)
-        x = F.scaled_dot_product_attention(q, k, v)       # (N, heads, T, D / heads)
+        return qkv.unbind(0)
+
+    def logits(self, x):
+        """Returns the (N, heads, T, T) attention logits scale * q k^T (forward never forms them; this is
+        for measuring their size, e.g. in harness.mup's coordinate check)."""
+        q, k, _ = self._heads(x)
+        return (q @ k.transpose(-2, -1)) * self.scale
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = self._heads(x)                                          # each (N, heads, T, D / heads)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)    # (N, heads, T, D / heads)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention from image tokens (queries) to a short conditioning sequence (keys, values)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, scale=None):
         super().__init__()
         self.num_heads = num_heads
+        self.scale = attention_scale(dim // num_heads) if scale is None else scale  # on the logits q.k
         self.q = nn.Linear(dim, dim, bias=True)
         self.kv = nn.Linear(dim, dim * 2, bias=True)
         self.proj = nn.Linear(dim, dim)
@@ -174,7 +209,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(N, T, self.num_heads, head_dim).transpose(1, 2)          # (N, heads, T, hd)
         kv = self.kv(context).reshape(N, S, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)                                                             # (N, heads, S, hd)
-        x = F.scaled_dot_product_attention(q, k, v)                                     # (N, heads, T, hd)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)                   # (N, heads, T, hd)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
@@ -195,17 +230,18 @@ class Mlp(nn.Module):
 #             The four DiT blocks (paper section 3.2, Figure 3)                 #
 #################################################################################
 # Every block is called as block(x, c). `cond_tokens` says whether c is the (N, 2, D) sequence [t, y]
-# or the (N, D) vector t + y; `in_sequence` says whether those tokens also ride along in x.
+# or the (N, D) vector t + y; `in_sequence` says whether those tokens also ride along in x. attn_scale is
+# the factor on the attention logits (None: 1/sqrt(head_dim)); see attention_scale.
 
 class AdaLNZeroBlock(nn.Module):
     """adaLN-Zero block: c regresses shift, scale and a zero-initialised gate for each residual branch."""
 
     cond_tokens, in_sequence = False, False
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO, attn_scale=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, attn_scale)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -222,10 +258,10 @@ class AdaLNBlock(nn.Module):
 
     cond_tokens, in_sequence = False, False
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO, attn_scale=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, attn_scale)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size, bias=True))
@@ -242,11 +278,11 @@ class CrossAttnBlock(nn.Module):
 
     cond_tokens, in_sequence = True, False
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO, attn_scale=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, attn_scale)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, attn_scale)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
@@ -262,10 +298,10 @@ class InContextBlock(nn.Module):
 
     cond_tokens, in_sequence = True, True
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=MLP_RATIO, attn_scale=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, attn_scale)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
@@ -275,13 +311,28 @@ class InContextBlock(nn.Module):
         return x
 
 
+class Readout(nn.Linear):
+    """The output linear layer, its input multiplied by a fixed output_mult: 1 under sp, 1 / width_mult
+    under muP (TP5 Table 8, the multiplier form of Table 3's output weights; the bias is not scaled)."""
+
+    def __init__(self, in_features, out_features, output_mult=1.0):
+        super().__init__(in_features, out_features, bias=True)
+        self.output_mult = output_mult
+
+    def forward(self, x):
+        return super().forward(x * self.output_mult)  # x * 1.0 is x bit for bit: sp is unchanged
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, output_mult={self.output_mult:g}"
+
+
 class FinalLayer(nn.Module):
     """Adaptive final layer (adaLN, adaLN-Zero): LN modulated by c, then linear to p*p*C values a token."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, patch_size, out_channels, output_mult=1.0):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.linear = Readout(hidden_size, patch_size * patch_size * out_channels, output_mult)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
@@ -292,10 +343,10 @@ class FinalLayer(nn.Module):
 class PlainFinalLayer(nn.Module):
     """Final layer of the in-context and cross-attention models: LN (affine), then linear; c is unused."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, patch_size, out_channels, output_mult=1.0):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.linear = Readout(hidden_size, patch_size * patch_size * out_channels, output_mult)
 
     def forward(self, x, c):
         return self.linear(self.norm_final(x))
@@ -316,7 +367,11 @@ assert tuple(VARIANTS) == CONDS
 #################################################################################
 
 class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone: (N, C, H, W) latents -> (N, out_channels, H, W)."""
+    """Diffusion model with a Transformer backbone: (N, C, H, W) latents -> (N, out_channels, H, W).
+
+    parametrization "mup" with mup_base_width B: muP relative to the base model, which is this model at
+    width B (same depth and heads); width_mult = hidden_size / B. At width B it is sp, bit for bit.
+    """
 
     def __init__(
         self,
@@ -332,11 +387,27 @@ class DiT(nn.Module):
         learn_sigma=True,
         cond="adaln_zero",
         grad_checkpoint=False,
+        parametrization="sp",
+        mup_base_width=None,
     ):
         super().__init__()
         errors = _arch_errors(cond, patch_size, input_size, hidden_size, num_heads)
+        errors += _parametrization_errors(parametrization, mup_base_width, hidden_size, num_heads)
         if errors:
             raise ValueError("; ".join(errors))
+        # The constructor's arguments: DiT(**self.arch) is this architecture (harness.mup rebuilds it at the
+        # base width on the meta device to find which dimensions grow with width).
+        self.arch = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes, learn_sigma=learn_sigma, cond=cond, grad_checkpoint=grad_checkpoint,
+            parametrization=parametrization, mup_base_width=mup_base_width,
+        )
+        self.parametrization = parametrization
+        self.mup_base_width = mup_base_width
+        # How much wider than its base the model is; 1 under sp, where nothing below changes.
+        self.width_mult = hidden_size / mup_base_width if parametrization == "mup" else 1.0
+        attn_scale = attention_scale(hidden_size // num_heads, self.width_mult)
         block_cls, final_cls = VARIANTS[cond]
         self.cond = cond
         self.learn_sigma = learn_sigma
@@ -356,8 +427,10 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding: a Parameter with requires_grad False, as in the public checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([block_cls(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = final_cls(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([block_cls(hidden_size, num_heads, mlp_ratio, attn_scale) for _ in range(depth)])
+        # muP's readout multiplier 1 / width_mult (TP5 Table 3): with the readout trained at the base learning
+        # rate, its output moves O(1) per step instead of O(width_mult).
+        self.final_layer = final_cls(hidden_size, patch_size, self.out_channels, 1 / self.width_mult)
         self.initialize_weights()
 
     @property
@@ -386,10 +459,18 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
+        # muP (TP5 Table 3): an input weight's fan_in (C*p*p) does not grow, so its entries keep their size;
+        # xavier's 2 / (fan_in + fan_out) shrinks with fan_out = width. Rescale to the base model's xavier
+        # bound, as mup.init.xavier_uniform_ does (a factor of exactly 1 at width_mult 1). The hidden
+        # layers' xavier variance already goes as 1/fan_in, which is muP's (their fan_out / fan_in is fixed).
+        fan_out, fan_in = w.shape[0], w[0].numel()
+        w.mul_(math.sqrt((fan_in + fan_out) / (fan_in + fan_out / self.width_mult)))
 
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBED_INIT_STD)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
+        # muP (TP5 Table 3): a hidden weight's variance ~ 1/fan_in. The public constant 0.02 is kept at the
+        # base width and shrinks by 1/sqrt(width_mult) beyond it (width_mult is 1 under sp: unchanged).
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD / math.sqrt(self.width_mult))
 
         # adaLN-Zero (section 3.2): zero the modulation, so every block starts as the identity. The plain
         # adaLN variant keeps the xavier init: the zero init is exactly what tells the two apart.
@@ -512,12 +593,39 @@ def _arch_errors(cond, patch, input_size, hidden_size, num_heads):
     return errors
 
 
+def _parametrization_errors(parametrization, mup_base_width, hidden_size, num_heads):
+    """Returns the list of problems with a (parametrization, mup_base_width) choice for a model of this
+    width and heads (None: unknown, not checked); empty when fine."""
+    if parametrization not in PARAMETRIZATIONS:
+        return [f"parametrization={parametrization!r}; allowed: {', '.join(PARAMETRIZATIONS)}"]
+    if parametrization == "sp":
+        if mup_base_width is not None:  # a base width that would silently do nothing is a mistake
+            return [f"mup_base_width={mup_base_width!r} is only used with parametrization='mup'; "
+                    f"allowed with 'sp': None"]
+        return []
+    allowed = "a positive int at most hidden_size"
+    if hidden_size is not None and num_heads is not None and num_heads > 0:
+        allowed = f"a multiple of num_heads {num_heads} from {num_heads} to hidden_size {hidden_size}"
+    if isinstance(mup_base_width, bool) or not isinstance(mup_base_width, int) or mup_base_width < 1:
+        return [f"parametrization='mup' needs mup_base_width, the width the learning rate is tuned at; "
+                f"got mup_base_width={mup_base_width!r}; allowed: {allowed}"]
+    errors = []
+    if hidden_size is not None and mup_base_width > hidden_size:
+        errors.append(f"mup_base_width={mup_base_width} > hidden_size {hidden_size}; allowed: {allowed}")
+    # The base model keeps the heads (see attention_scale), so its head dim must be a whole number.
+    if num_heads is not None and num_heads > 0 and mup_base_width % num_heads:
+        errors.append(f"mup_base_width={mup_base_width} is not a multiple of num_heads {num_heads} (the base "
+                      f"model keeps the heads); allowed: {allowed}")
+    return errors
+
+
 def _unknown_model(model):
     return (f"unknown model {model!r}; allowed: {', '.join(MODEL_SIZES)}, or an off-paper name "
             f"(e.g. 'demo-S') with depth, hidden_size and num_heads all given")
 
 
-def validate_arch(model, patch, cond, input_size, hidden_size=None, num_heads=None):
+def validate_arch(model, patch, cond, input_size, hidden_size=None, num_heads=None, parametrization="sp",
+                  mup_base_width=None):
     """Returns a list of error strings for one grid cell's architecture (empty when it can be built).
 
     A model name outside MODEL_SIZES is an off-paper size: accepted only with its width and heads given.
@@ -533,7 +641,8 @@ def validate_arch(model, patch, cond, input_size, hidden_size=None, num_heads=No
         patch = 1  # do not also complain that it fails to divide the input
     hidden_size = size.get("hidden_size") if hidden_size is None else hidden_size
     num_heads = size.get("num_heads") if num_heads is None else num_heads
-    return errors + _arch_errors(cond, patch, input_size, hidden_size, num_heads)
+    return (errors + _arch_errors(cond, patch, input_size, hidden_size, num_heads)
+            + _parametrization_errors(parametrization, mup_base_width, hidden_size, num_heads))
 
 
 def resolve_size(model, depth=None, hidden_size=None, num_heads=None):
@@ -548,15 +657,21 @@ def resolve_size(model, depth=None, hidden_size=None, num_heads=None):
 
 def build(model="XL", patch=2, cond="adaln_zero", *, input_size=32, in_channels=4, num_classes=1000,
           learn_sigma=True, class_dropout_prob=0.1, depth=None, hidden_size=None, num_heads=None,
-          grad_checkpoint=False):
-    """Returns the DiT of a grid cell (model, patch, cond); depth/hidden_size/num_heads override the size."""
-    errors = validate_arch(model, patch, cond, input_size, hidden_size, num_heads)
+          grad_checkpoint=False, parametrization="sp", mup_base_width=None):
+    """Returns the DiT of a grid cell (model, patch, cond); depth/hidden_size/num_heads override the size.
+
+    parametrization: "sp" (the paper's) or "mup" with mup_base_width, the width the hyperparameters are
+    tuned at (harness/mup.py gives the matching optimizer param groups).
+    """
+    errors = validate_arch(model, patch, cond, input_size, hidden_size, num_heads, parametrization,
+                           mup_base_width)
     if errors:
         raise ValueError("; ".join(errors))
     size = resolve_size(model, depth, hidden_size, num_heads)
     return DiT(input_size=input_size, patch_size=patch, in_channels=in_channels, num_classes=num_classes,
                learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob, cond=cond,
-               grad_checkpoint=grad_checkpoint, **size)
+               grad_checkpoint=grad_checkpoint, parametrization=parametrization, mup_base_width=mup_base_width,
+               **size)
 
 
 def _registry_entry(model, patch):

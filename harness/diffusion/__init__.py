@@ -1,5 +1,14 @@
-"""The paper's Gaussian diffusion: 1000 linear-beta steps, eps prediction, learned variance, respacing."""
+"""The paper's Gaussian diffusion (1000 linear-beta steps, eps prediction, learned variance, respacing) and the
+rectified-flow objective beside it (linear interpolant, velocity prediction; SiT, SD3)."""
 
+from harness.diffusion.flow import (
+    FLOW_SAMPLERS,
+    MODEL_TIME_SCALE,
+    TIME_SAMPLINGS,
+    RectifiedFlow,
+    create_flow,
+    sampler_nfe,
+)
 from harness.diffusion.gaussian import (
     DEFAULT_DIFFUSION_STEPS,
     NOISE_SCHEDULES,
@@ -12,13 +21,19 @@ from harness.diffusion.respace import SpacedDiffusion, space_timesteps
 
 __all__ = [
     "DEFAULT_DIFFUSION_STEPS",
+    "FLOW_SAMPLERS",
+    "MODEL_TIME_SCALE",
     "NOISE_SCHEDULES",
+    "TIME_SAMPLINGS",
     "GaussianDiffusion",
+    "RectifiedFlow",
     "SpacedDiffusion",
     "create_diffusion",
+    "create_flow",
     "get_named_beta_schedule",
     "guided_model_fn",
     "randn_per_sample",
+    "sampler_nfe",
     "space_timesteps",
 ]
 

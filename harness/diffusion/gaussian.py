@@ -116,6 +116,10 @@ class GaussianDiffusion:
                 setattr(self, name, value.to(device))
         return self
 
+    def sample_t(self, n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+        """Returns n training timesteps drawn uniformly from 0..num_timesteps-1 with `generator` (int64)."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+
     # ----- the forward process q -----
 
     def q_mean_variance(self, x_start, t):
