@@ -1,26 +1,33 @@
-"""Sample quality metrics through torch-fidelity: FID, Inception Score, KID, precision and recall.
+"""Sample quality metrics: FID, sFID, Inception Score, KID, precision and recall, and the opt-in FD-DINOv2.
 
 ImageNet uses torch-fidelity's `inception-v3-compat` extractor (the TF Inception the FID literature and
 the DiT paper use). The embedded digits set gets its own extractor, `digits-cnn`: a small classifier
 trained deterministically on the digits' training split in seconds, cached, and registered with
-torch-fidelity. An FID measured with it is not comparable to an Inception FID, so it is labelled
-"FID (digits extractor)" everywhere (`metric_label`).
+torch-fidelity. A metric measured with it is not comparable to an Inception one, so it is labelled
+"FID (digits extractor)", "sFID (digits extractor)", ... everywhere (`metric_label`).
+
+FID, IS, KID and precision/recall come from one torch-fidelity call. sFID (ADM's spatial FID, the paper's
+second metric) and FD-DINOv2 (Stein et al. 2023) read other feature spaces: their features come from
+torch-fidelity extractors too, their statistics from `feature_statistics` and their distance from
+`frechet_distance`. docs/metrics.md describes every metric, its feature space and what it needs offline.
 
 Reference statistics are cached under a key that holds a content hash of the reference images
-(`reference_stats_id`), inside a cache folder named by the extractor's weights: torch-fidelity's own
-cache is keyed by name only, so a changed reference set, or a retrained digits extractor, would
-otherwise silently return a stale FID.
+(`reference_stats_id`), inside a cache folder named by the extractor (and, for the digits CNN, its weights):
+torch-fidelity's own cache is keyed by name only, so a changed reference set, or a retrained digits
+extractor, would otherwise silently return a stale FID.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from urllib.error import URLError
@@ -33,18 +40,34 @@ import torch_fidelity
 from PIL import Image
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA as DINOV2_HUB_MODELS
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-from torch_fidelity.utils import create_feature_extractor
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from harness import data
-from harness.runfolder import atomic_write_bytes
+from harness import cli, data
+from harness.data import to_uint8_rgb  # noqa: F401 - part of this module's interface (the evaluator's pixels)
+from harness.metric_spec import (  # noqa: F401 - the names a metric list is checked against, re-exported here
+    DEFAULT_METRICS,
+    DINOV2_EXTRACTOR,
+    INCEPTION_SPATIAL_EXTRACTOR,
+    ISC_LAYER,
+    METRICS,
+    SFID_COMPANIONS,
+    SPATIAL_FEATURE,
+    metric_problems,
+    sfid_extractor,
+    sfid_extractors,
+)
+from harness.runfolder import atomic_open, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 DIGITS_EXTRACTOR = "digits-cnn"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
-METRICS = ("fid", "isc", "kid", "prc")
+_TORCH_FIDELITY_METRICS = ("fid", "isc", "kid", "prc")  # computed by one torch_fidelity.calculate_metrics call
+_FRECHET_NAMES = {"fid": "FID", "sfid": "sFID", "fd_dinov2": "FD-DINOv2"}  # the Frechet distances among METRICS
+_METRIC_NAMES = {**_FRECHET_NAMES, "isc": "IS", "kid": "KID", "prc": "precision/recall"}
 
 # torch-fidelity's defaults, stated here so every record can say which settings produced it.
 KID_SUBSETS = 100
@@ -52,6 +75,11 @@ KID_SUBSET_SIZE = 1000  # reduced to the smaller set's size when fewer images ar
 ISC_SPLITS = 10  # reduced to the sample count when fewer samples are given
 PRC_NEIGHBORHOOD = 3  # k of the k-NN balls (Kynkaanniemi et al. 2019)
 METRICS_SEED = 2020  # KID subset draws and IS shuffling
+
+# sFID's feature, as ADM's evaluator computes it (Nash et al. 2021, "Generating images with sparse
+# representations"): the first SFID_CHANNELS channels of a mid-level feature map, flattened in (H, W, channel)
+# order. An extractor that provides it names it SPATIAL_FEATURE (harness.metric_spec).
+SFID_CHANNELS = 7  # ADM evaluator: `spatial[..., :7]`
 
 # torch-fidelity's result keys -> the keys of evals/step_N.json (docs/run_folder.md)
 _RESULT_KEYS = {
@@ -63,11 +91,21 @@ _RESULT_KEYS = {
     torch_fidelity.KEY_METRIC_PRECISION: "precision",
     torch_fidelity.KEY_METRIC_RECALL: "recall",
 }
-_ISC_LAYER = "logits_unbiased"  # the layer torch-fidelity's Inception Score reads
+_ISC_LAYER = ISC_LAYER
+_DINOV2_LAYER = "dinov2"  # torch-fidelity's name for the DINOv2 embedding (the final-norm CLS token)
+
+# Where torch hub's DINOv2 comes from: torch-fidelity calls torch.hub.load("facebookresearch/dinov2", ...), whose
+# hubconf (facebookresearch/dinov2 dinov2/hub/backbones.py, utils.py) fetches
+# <base>/<model>/<model>_pretrain.pth into torch hub's checkpoint folder.
+DINOV2_REPO_URL = "https://github.com/facebookresearch/dinov2"
+DINOV2_WEIGHTS_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+_DINOV2_REPO_FOLDER = "facebookresearch_dinov2_main"  # torch hub's folder name: <owner>_<repo>_<branch>
+_PROBE_IMAGE = np.zeros((16, 16, 3), dtype=np.uint8)  # every extractor here resizes, so any size probes widths
 
 
-class MissingWeightsError(RuntimeError):
-    """Feature extractor weights are not on disk and cannot be downloaded."""
+class MissingWeightsError(cli.MissingWeights):
+    """Feature extractor weights (or torch hub's code) are not on disk and cannot be downloaded; the message says
+    what to fetch and where to put it. A cli.MissingWeights, so commands report it in one line."""
 
 
 def cache_dir() -> Path:
@@ -80,13 +118,23 @@ def default_extractor(data_name: str) -> str:
     return DIGITS_EXTRACTOR if data_name == "digits" else INCEPTION_EXTRACTOR
 
 
-def metric_label(extractor: str) -> str:
-    """Return how an FID from this extractor is labelled in tables and plots."""
-    if extractor == INCEPTION_EXTRACTOR:
-        return "FID"
+def metric_label(extractor: str, metric: str = "fid") -> str:
+    """Return how a metric from this extractor is labelled in tables and plots.
+
+    The paper's names ("FID", "sFID", "IS", ...) belong to Inception, "FD-DINOv2" to DINOv2 ViT-L/14; any other
+    extractor is named: "FID (digits extractor)", "sFID (vgg16 extractor)", "FD-DINOv2 (dinov2-vit-s-14)".
+    """
+    if metric not in _METRIC_NAMES:
+        raise ValueError(f"metric={metric!r}: allowed {list(METRICS)}")
+    name = _METRIC_NAMES[metric]
+    standard = (DINOV2_EXTRACTOR,) if metric == "fd_dinov2" else (INCEPTION_EXTRACTOR, INCEPTION_SPATIAL_EXTRACTOR)
+    if extractor in standard:
+        return name
     if extractor == DIGITS_EXTRACTOR:
-        return "FID (digits extractor)"
-    return f"FID ({extractor} extractor)"
+        return f"{name} (digits extractor)"
+    if metric == "fd_dinov2":
+        return f"{name} ({extractor})"
+    return f"{name} ({extractor} extractor)"
 
 
 def inception_weights_path() -> Path:
@@ -94,14 +142,23 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
 
 
-def to_uint8_rgb(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Return float images (N, C, H, W) in [-1, 1] as uint8 (N, H, W, 3); grayscale is replicated to RGB."""
-    x = torch.as_tensor(images, dtype=torch.float32)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must be (N, C, H, W) with C in (1, 3), got shape {tuple(x.shape)}")
-    # The rounding of facebookresearch/DiT sample_ddp.py, so references and samples quantise alike.
-    x = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
+def dinov2_paths(model: str = DINOV2_EXTRACTOR) -> dict:
+    """Return what torch hub needs for a DINOv2 extractor, and where it goes: {"repo_url", "repo_dir" (Path),
+    "weights_url", "weights_path" (Path)}, under torch hub's folder ($TORCH_HOME/hub)."""
+    if model not in DINOV2_HUB_MODELS:
+        raise ValueError(f"model={model!r} is no DINOv2 extractor; allowed: {sorted(DINOV2_HUB_MODELS)}")
+    hub, name = Path(torch.hub.get_dir()), DINOV2_HUB_MODELS[model]  # e.g. dinov2_vitl14
+    return {"repo_url": DINOV2_REPO_URL, "repo_dir": hub / _DINOV2_REPO_FOLDER,
+            "weights_url": f"{DINOV2_WEIGHTS_BASE_URL}/{name}/{name}_pretrain.pth",
+            "weights_path": hub / "checkpoints" / f"{name}_pretrain.pth"}
+
+
+def spatial_feature(nhwc: torch.Tensor) -> torch.Tensor:
+    """Return sFID's feature of feature maps in TF layout (N, H, W, C): float32 (N, H * W * SFID_CHANNELS), the
+    first SFID_CHANNELS channels flattened in (H, W, channel) order, as ADM's `spatial[..., :7]` then reshape."""
+    if nhwc.ndim != 4 or nhwc.shape[-1] < SFID_CHANNELS:
+        raise ValueError(f"expected feature maps (N, H, W, C >= {SFID_CHANNELS}), got {tuple(nhwc.shape)}")
+    return nhwc[..., :SFID_CHANNELS].reshape(nhwc.shape[0], -1).to(torch.float32)
 
 
 # ---- the digits feature extractor ----
@@ -109,6 +166,12 @@ def to_uint8_rgb(images: torch.Tensor | np.ndarray) -> np.ndarray:
 DIGITS_CNN_SIZE = 16  # input resolution of the classifier; other resolutions are resized to it
 DIGITS_CNN_FEATURE_DIM = 64  # the pooled feature that FID, KID and precision/recall read
 _DIGITS_FEATURE_LAYER = str(DIGITS_CNN_FEATURE_DIM)  # torch-fidelity names layers by width ("2048")
+# sFID's map, the digits' analogue of Inception's mixed_6/conv: the middle conv layer's ReLU output after its max
+# pool, body[:6] -> (N, 32, 4, 4), whose first SFID_CHANNELS channels give 4 x 4 x 7 = 112 features. Like mixed_6
+# (the 17 x 17 stage, before the 8 x 8 one) it is mid-network and spatial. The 8 x 8 map before the pool would give
+# 448 features, more than the 299 test images the digits demo compares against: a singular covariance, as
+# mixed_6/conv's 2,023 features are for 50,000 ImageNet references (25 images per feature); 112 keep ~3.
+_DIGITS_SPATIAL_END = 6
 # Changing any value retrains: the cache key hashes this recipe together with the training data.
 _DIGITS_RECIPE = {"version": 1, "size": DIGITS_CNN_SIZE, "epochs": 10, "batch": 64, "lr": 1e-2, "seed": 0}
 
@@ -131,6 +194,13 @@ class DigitsCNN(nn.Module):
         feat = self.body(x)
         return feat, self.head(feat)
 
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (sFID's map (N, 32, 4, 4), features (N, 64), logits (N, classes)) of images (N, 1, 16, 16): the
+        same computation as forward, which training uses, split after the second conv block."""
+        mid = self.body[:_DIGITS_SPATIAL_END](x)
+        feat = self.body[_DIGITS_SPATIAL_END:](mid)
+        return mid, feat, self.head(feat)
+
 
 def _digits_preprocess(x: torch.Tensor) -> torch.Tensor:
     """Return uint8 images (N, 3, H, W) as grayscale float (N, 1, 16, 16) in [-1, 1]."""
@@ -143,6 +213,8 @@ def _digits_preprocess(x: torch.Tensor) -> torch.Tensor:
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity extractor around a trained DigitsCNN; weights come from `digits_extractor_info`."""
+
+    SPATIAL_SOURCE = "DigitsCNN conv2 ReLU after its 2x2 max pool (N, 4, 4, 32): [..., :7] flattened (H, W, C)"
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
@@ -157,12 +229,12 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
 
     @staticmethod
     def get_provided_features_list():
-        return _DIGITS_FEATURE_LAYER, "logits_unbiased", "logits"
+        return _DIGITS_FEATURE_LAYER, "logits_unbiased", "logits", SPATIAL_FEATURE
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits_unbiased", "fid": _DIGITS_FEATURE_LAYER,
-                "kid": _DIGITS_FEATURE_LAYER, "prc": _DIGITS_FEATURE_LAYER}[metric]
+        return {"isc": "logits_unbiased", "fid": _DIGITS_FEATURE_LAYER, "kid": _DIGITS_FEATURE_LAYER,
+                "prc": _DIGITS_FEATURE_LAYER, "sfid": SPATIAL_FEATURE}[metric]
 
     @staticmethod
     def can_be_compiled():
@@ -175,10 +247,10 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     def forward(self, x):
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 images (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        feat, logits = self.net(_digits_preprocess(x))
+        mid, feat, logits = self.net.features(_digits_preprocess(x))
         # Like Inception's 'logits_unbiased': the head without its bias, what torch-fidelity's IS reads.
         features = {_DIGITS_FEATURE_LAYER: feat, "logits_unbiased": feat @ self.net.head.weight.T,
-                    "logits": logits}
+                    "logits": logits, SPATIAL_FEATURE: spatial_feature(mid.permute(0, 2, 3, 1))}
         return tuple(features[a] for a in self.features_list)
 
 
@@ -297,6 +369,97 @@ def digits_extractor_info(cache: Path | None = None) -> dict:
     return dict(info)
 
 
+# ---- Inception's spatial feature (sFID) ----
+#
+# ADM's evaluator (openai/guided-diffusion evaluations/evaluator.py, which the DiT paper used) reads sFID from the
+# 2015-12-05 TF graph's tensor "mixed_6/conv:0", NHWC (N, 17, 17, 192) at the graph's 299 x 299 input, and keeps
+# `spatial[..., :7]` reshaped to (N, 2023). Which tensor of torch-fidelity's port that is:
+#  - block: the graph numbers its Inception blocks mixed, mixed_1, ..., mixed_10; the port names them Mixed_5b, 5c,
+#    5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c, so mixed_6 is Mixed_6d, the third 17 x 17 block (torch-fidelity's weight
+#    converter, utils/util_convert_inception_weights.py, maps mixed_6/conv/{conv2d_params, batchnorm} to
+#    Mixed_6d.branch1x1.{conv, bn}).
+#  - branch: the block's own "conv" (its towers are mixed_6/tower*/conv*) is the 1x1 branch, Mixed_6d.branch1x1,
+#    192 channels; InceptionC concatenates it first, so it is also channels 0-191 of Mixed_6d's output.
+#  - after batch norm and ReLU: the graph's ops in that scope run conv/Conv2D -> conv/batchnorm -> CheckNumerics ->
+#    control_dependency -> "conv", the ReLU, so the op named exactly mixed_6/conv is the ReLU output, what the
+#    port's BasicConv2d returns (conv, bn, relu). A forward hook on Mixed_6d.branch1x1 sees it, in NCHW.
+# Layout: the map is permuted to NHWC before ADM's slice and reshape, so features are flattened (H, W, 7) as ADM's.
+# One coordinate permutation applied to both sets leaves a Frechet distance unchanged, so the order cannot change
+# an sFID computed here from images; it matters for statistics computed elsewhere: ADM's reference batches hold
+# mu_s and sigma_s in (H, W, C) order, and only features flattened the same way can be compared with them.
+# Input: the port resizes to 299 x 299 as TF1 does and maps [0, 255] to [-1, 1], as the graph does to the uint8-valued
+# NHWC batches ADM feeds (at their own resolution) into ExpandDims:0.
+
+
+class InceptionV3SpatialExtractor(FeatureExtractorBase):
+    """torch-fidelity's TF Inception (the same weights) with one more feature: SPATIAL_FEATURE, ADM's sFID
+    feature (N, 2023), from the tensor TF names mixed_6/conv:0."""
+
+    SPATIAL_SOURCE = ("TF mixed_6/conv:0 = Mixed_6d.branch1x1 after BN+ReLU (N, 17, 17, 192): "
+                      "[..., :7] flattened (H, W, C)")
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        # torch-fidelity's forward stops after the last feature asked for; '768' (after Mixed_6e) is its first stop
+        # past Mixed_6d, so the spatial feature alone skips the Mixed_7 blocks.
+        pooled = [f for f in features_list if f != SPATIAL_FEATURE] or ["768"]
+        self.inception = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, pooled, **kwargs)
+        self._mixed_6_conv: torch.Tensor | None = None
+        self.inception.Mixed_6d.branch1x1.register_forward_hook(self._keep_mixed_6_conv)
+
+    def _keep_mixed_6_conv(self, module, inputs, output):
+        self._mixed_6_conv = output
+
+    def _run(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Return ({pooled feature: (N, D)}, mixed_6/conv:0 as float32 NHWC (N, 17, 17, 192)) of uint8 images."""
+        pooled = self.inception(x)
+        nchw, self._mixed_6_conv = self._mixed_6_conv, None
+        return dict(zip(self.inception.features_list, pooled)), nchw.permute(0, 2, 3, 1).to(torch.float32)
+
+    def mixed_6_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Return TF's mixed_6/conv:0 of uint8 images (N, 3, H, W): float32 (N, 17, 17, 192), NHWC like the graph."""
+        return self._run(x)[1]
+
+    def forward(self, x):
+        features, nhwc = self._run(x)
+        features[SPATIAL_FEATURE] = spatial_feature(nhwc)
+        return tuple(features[f] for f in self.features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return (*FeatureExtractorInceptionV3.get_provided_features_list(), SPATIAL_FEATURE)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        if metric == "sfid":
+            return SPATIAL_FEATURE
+        return FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(metric)
+
+    @staticmethod
+    def can_be_compiled():
+        return False  # the hook hands a tensor from inside the network to forward
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return FeatureExtractorInceptionV3.get_dummy_input_for_compile()
+
+
+if INCEPTION_SPATIAL_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(INCEPTION_SPATIAL_EXTRACTOR, InceptionV3SpatialExtractor)
+
+# Extractors without a spatial feature of their own, and the registered extractor that computes their sFID.
+_SFID_COMPANIONS = SFID_COMPANIONS
+
+
+def _extractor_class(extractor: str) -> type[FeatureExtractorBase] | None:
+    """Return the torch-fidelity extractor class of a name (the digits CNN before it is registered too), or None."""
+    return DigitsFeatureExtractor if extractor == DIGITS_EXTRACTOR else FEATURE_EXTRACTORS_REGISTRY.get(extractor)
+
+
+_sfid_extractor = sfid_extractor
+_sfid_extractors = sfid_extractors
+
+
 # ---- Frechet distance and reference statistics ----
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -315,6 +478,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """Return (mean (D,), covariance (D, D), ddof 1), float64, of features (N, D): what a Frechet distance compares
+    (ADM's evaluator and torch-fidelity compute them the same way)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got shape {f.shape}")
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
 def _check_images(images: np.ndarray, what: str) -> None:
     """Raise ValueError unless images is a non-empty uint8 array (N, H, W, 3)."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
@@ -329,17 +501,23 @@ def _check_name_part(value: str, what: str) -> None:
         raise ValueError(f"{what}={value!r} must be a non-empty string without '/', '\\' or whitespace")
 
 
-def reference_stats_id(images_uint8: np.ndarray, data_name: str, split: str, extractor: str) -> str:
-    """Return the statistics key '<data>_<split>_<res>_<extractor>_<sha256[:12] of shape and bytes>'."""
+def _reference_stats_ids(images_uint8: np.ndarray, data_name: str, split: str, extractors) -> dict[str, str]:
+    """Return {extractor: reference_stats_id}, hashing the images once (a 50k ImageNet set takes seconds)."""
     _check_images(images_uint8, "images_uint8")
     _check_name_part(data_name, "data_name")
     _check_name_part(split, "split")
-    _check_name_part(extractor, "extractor")
+    for extractor in extractors:
+        _check_name_part(extractor, "extractor")
     _, h, w, _ = images_uint8.shape
     digest = hashlib.sha256(f"{images_uint8.shape}|{images_uint8.dtype}|".encode())
     digest.update(np.ascontiguousarray(images_uint8).data)  # no copy when already contiguous
     res = f"{h}" if h == w else f"{h}x{w}"
-    return f"{data_name}_{split}_{res}_{extractor}_{digest.hexdigest()[:12]}"
+    return {e: f"{data_name}_{split}_{res}_{e}_{digest.hexdigest()[:12]}" for e in extractors}
+
+
+def reference_stats_id(images_uint8: np.ndarray, data_name: str, split: str, extractor: str) -> str:
+    """Return the statistics key '<data>_<split>_<res>_<extractor>_<sha256[:12] of shape and bytes>'."""
+    return _reference_stats_ids(images_uint8, data_name, split, [extractor])[extractor]
 
 
 def reference_images(data_cfg, split: str = "test", max_images: int | None = None) -> np.ndarray:
@@ -384,31 +562,171 @@ class _UInt8Images(Dataset):
         return self.images[i].permute(2, 0, 1)
 
 
-_FEATURE_DIMS: dict[tuple[str, str | None], int] = {}
+@dataclasses.dataclass(frozen=True)
+class _FeatureSpace:
+    """Where a metric reads its features: an extractor, one of its layers, its weights, its statistics cache."""
+
+    extractor: str
+    layer: str
+    weights_path: str | None  # None: torch-fidelity's pinned Inception download, or torch hub's DINOv2
+    stats_root: Path  # cache folder named by the extractor (and, for the digits CNN, by its weights)
 
 
-def _probe_feature_dim(extractor: str, weights_path: str | None, image: np.ndarray, cuda: bool) -> int:
-    """Return the width of the extractor's FID layer by running it on one image (loads the weights)."""
-    key = (extractor, weights_path)
-    if key not in _FEATURE_DIMS:
-        layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
-        fe = create_feature_extractor(extractor, [layer], cuda=cuda, verbose=False,
+def _feature_spaces(metrics, extractor: str, dinov2_model: str,
+                    cache: Path) -> tuple[_FeatureSpace, dict[str, _FeatureSpace], dict]:
+    """Return (the extractor's FID space, {metric: space}, facts about the extractor for the record); trains or
+    loads the digits CNN when it is the extractor."""
+    if extractor == DIGITS_EXTRACTOR:
+        info = digits_extractor_info(cache)
+        weights_path = info["weights_path"]
+        # Features of a retrained extractor must never meet cached features of the old one.
+        root = cache / "fidelity" / f"{extractor}_{info['weights_sha256'][:12]}"
+        extractor_info = {k: info[k] for k in ("name", "heldout_accuracy", "weights_sha256")}
+    else:
+        weights_path = None  # torch-fidelity's pinned weights (Inception's URL carries its hash)
+        root = cache / "fidelity" / extractor
+        extractor_info = {"name": extractor}
+        if extractor == INCEPTION_EXTRACTOR:
+            extractor_info["weights_url"] = URL_INCEPTION_V3
+    cls = _extractor_class(extractor)
+    spaces = {}
+    for m in metrics:
+        if m == "fd_dinov2":
+            spaces[m] = _FeatureSpace(dinov2_model, _DINOV2_LAYER, None, cache / "fidelity" / dinov2_model)
+        elif m == "sfid" and _sfid_extractor(extractor) == extractor:
+            spaces[m] = _FeatureSpace(extractor, SPATIAL_FEATURE, weights_path, root)
+        elif m == "sfid":
+            companion = _sfid_extractor(extractor)  # the same weights, which torch-fidelity fetches itself
+            spaces[m] = _FeatureSpace(companion, SPATIAL_FEATURE, None, cache / "fidelity" / companion)
+        else:
+            spaces[m] = _FeatureSpace(extractor, cls.get_default_feature_layer_for_metric(m), weights_path, root)
+    main = _FeatureSpace(extractor, cls.get_default_feature_layer_for_metric("fid"), weights_path, root)
+    return main, spaces, extractor_info
+
+
+_FEATURE_DIMS: dict[tuple, dict[str, int]] = {}
+
+
+def _probe_feature_dims(extractor: str, weights_path: str | None, layers, image: np.ndarray, cuda: bool,
+                        use_cache: bool = True) -> dict[str, int]:
+    """Return {layer: width} of an extractor by running it on one uint8 image (H, W, 3) (loads the weights)."""
+    layers = sorted(set(layers))
+    # Weights that torch hub fetches live in its folder, which another $TORCH_HOME may lack: part of the key.
+    key = (extractor, weights_path or f"hub:{torch.hub.get_dir()}", tuple(layers), image.shape)
+    if key not in _FEATURE_DIMS or not use_cache:
+        fe = create_feature_extractor(extractor, layers, cuda=cuda, verbose=False,
                                       feature_extractor_weights_path=weights_path)
         x = torch.from_numpy(image[None]).permute(0, 3, 1, 2)
         with torch.no_grad():
-            (feat,) = fe(x.cuda() if cuda else x)
-        _FEATURE_DIMS[key] = int(feat.shape[1])
-    return _FEATURE_DIMS[key]
+            features = fe(x.cuda() if cuda else x)
+        _FEATURE_DIMS[key] = {layer: int(f.shape[1]) for layer, f in zip(layers, features)}
+    return dict(_FEATURE_DIMS[key])
 
 
 def _offline_message(extractor: str) -> str:
     """Return what to fetch, and where to put it, when extractor weights cannot be downloaded."""
     hub = "torch hub's checkpoint folder: $TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints"
-    if extractor != INCEPTION_EXTRACTOR:
+    if extractor not in (INCEPTION_EXTRACTOR, INCEPTION_SPATIAL_EXTRACTOR):
         return (f"cannot download the {extractor} weights (offline?): torch-fidelity fetches them into "
                 f"{inception_weights_path().parent} ({hub}); copy them there from a machine with network.")
-    return (f"cannot download the {extractor} weights (offline?). Fetch\n  {URL_INCEPTION_V3}\n"
-            f"and put the file at\n  {inception_weights_path()}\n({hub}).")
+    return (f"cannot download the {INCEPTION_EXTRACTOR} weights (offline?), which FID, IS, KID, precision/recall "
+            f"and sFID share. Fetch\n  {URL_INCEPTION_V3}\nand put the file at\n  {inception_weights_path()}\n({hub}).")
+
+
+def _dinov2_missing(model: str) -> list[str]:
+    """Return which of torch hub's DINOv2 files are missing: 'repo' (the code), 'weights'."""
+    p = dinov2_paths(model)
+    # torch hub falls back on <owner>_<repo>_main, then _master, when it cannot ask GitHub for the default branch.
+    repos = (p["repo_dir"], p["repo_dir"].with_name(_DINOV2_REPO_FOLDER.replace("_main", "_master")))
+    missing = [] if any((r / "hubconf.py").is_file() for r in repos) else ["repo"]
+    return missing + ([] if p["weights_path"].is_file() else ["weights"])
+
+
+def _dinov2_offline_message(model: str, missing: list[str]) -> str:
+    """Return what to fetch for a DINOv2 extractor, and exactly where torch hub looks for it."""
+    p = dinov2_paths(model)
+    state = {k: "MISSING" if k in missing else "present" for k in ("repo", "weights")}
+    return (f"FD-DINOv2 ({model}) needs torch hub's copy of the DINOv2 code and weights and cannot download them "
+            f"(offline?). Fetch them on a machine with network and copy them here:\n"
+            f"  code ({state['repo']}): git clone {p['repo_url']} {p['repo_dir']}\n"
+            f"  weights ({state['weights']}): {p['weights_url']}\n    -> {p['weights_path']}\n"
+            f"(torch hub's folder is $TORCH_HOME/hub, default ~/.cache/torch/hub; the code folder must be named "
+            f"{_DINOV2_REPO_FOLDER}, torch hub's name for the repository's main branch).")
+
+
+def _load_spaces(spaces, image: np.ndarray, cuda: bool) -> dict[tuple[str, str], int]:
+    """Load every extractor the spaces need and return {(extractor, layer): width}; raises MissingWeightsError
+    saying what to fetch, and where, for weights that are neither on disk nor downloadable."""
+    groups: dict[tuple[str, str | None], set[str]] = {}
+    for s in spaces:
+        groups.setdefault((s.extractor, s.weights_path), set()).add(s.layer)
+    dims = {}
+    for (extractor, weights_path), layers in groups.items():
+        if extractor in DINOV2_HUB_MODELS:
+            missing = _dinov2_missing(extractor)
+            try:  # torch hub downloads what is missing when it can
+                found = _probe_feature_dims(extractor, weights_path, layers, image, cuda, use_cache=not missing)
+            except Exception as e:
+                # Whatever torch hub raises without network (URLError, or RuntimeError when it cannot ask GitHub
+                # for the default branch and has no cached copy), the cure is the files; the cause stays chained.
+                if missing:
+                    raise MissingWeightsError(_dinov2_offline_message(extractor, missing)) from e
+                raise
+        else:
+            try:
+                found = _probe_feature_dims(extractor, weights_path, layers, image, cuda)
+            except URLError as e:
+                raise MissingWeightsError(_offline_message(extractor)) from e
+        dims.update({(extractor, layer): width for layer, width in found.items()})
+    return dims
+
+
+def preflight(metrics, extractor: str, cuda: bool, *, dinov2_model: str = DINOV2_EXTRACTOR,
+              cache: Path | None = None) -> dict:
+    """Load every feature extractor these metrics need, before any sampling, and return their feature spaces:
+    {metric: {"extractor", "layer", "feature_dim"}}.
+
+    Trains the digits CNN once when it is not cached (seconds). Raises ValueError listing `metric_problems`, and
+    MissingWeightsError saying what to fetch and where to put it when weights (Inception) or torch hub's code and
+    weights (DINOv2) are neither on disk nor downloadable.
+    """
+    problems = metric_problems(metrics, extractor, dinov2_model)
+    if problems:
+        raise ValueError(f"cannot compute metrics={list(metrics)} with extractor {extractor!r}:\n  - "
+                         + "\n  - ".join(problems))
+    cache = Path(cache) if cache is not None else cache_dir()
+    if "fd_dinov2" in metrics and _dinov2_missing(dinov2_model):  # fetched, or said missing, before other work
+        _load_spaces([_FeatureSpace(dinov2_model, _DINOV2_LAYER, None, cache / "fidelity" / dinov2_model)],
+                     _PROBE_IMAGE, cuda)
+    _, spaces, _ = _feature_spaces(tuple(dict.fromkeys(metrics)), extractor, dinov2_model, cache)
+    dims = _load_spaces(spaces.values(), _PROBE_IMAGE, cuda)
+    return {m: {"extractor": s.extractor, "layer": s.layer, "feature_dim": dims[(s.extractor, s.layer)]}
+            for m, s in spaces.items()}
+
+
+def _extract_features(fe: FeatureExtractorBase, images: np.ndarray, batch_size: int, cuda: bool) -> np.ndarray:
+    """Return the one feature fe was built for, of uint8 images (N, H, W, 3): float32 (N, D)."""
+    (layer,) = fe.get_requested_features_list()
+    out = get_featuresdict_from_dataset(_UInt8Images(images), fe, batch_size, cuda, True, False)
+    return out[layer].numpy()
+
+
+def _frechet_in_space(space: _FeatureSpace, samples: np.ndarray, reference: np.ndarray, stats_id: str,
+                      batch_size: int, cuda: bool) -> float:
+    """Return the Frechet distance of samples to the reference in one feature space; the reference's statistics
+    are read from, or written to, '<stats_root>/<stats_id>-<layer>-stats.npz'."""
+    fe = create_feature_extractor(space.extractor, [space.layer], cuda=cuda, verbose=False,
+                                  feature_extractor_weights_path=space.weights_path)
+    path = space.stats_root / f"{stats_id}-{space.layer}-stats.npz"
+    if path.exists():
+        with np.load(path) as z:
+            mu_ref, sigma_ref = z["mu"], z["sigma"]
+    else:
+        mu_ref, sigma_ref = feature_statistics(_extract_features(fe, reference, batch_size, cuda))
+        with atomic_open(path) as f:  # a killed evaluation never leaves half a statistics file
+            np.savez(f, mu=mu_ref, sigma=sigma_ref, num_images=len(reference))
+    mu, sigma = feature_statistics(_extract_features(fe, samples, batch_size, cuda))
+    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
 def _warn(message: str, record: list[str]) -> None:
@@ -419,16 +737,18 @@ def _warn(message: str, record: list[str]) -> None:
 
 
 def compute_metrics(samples_uint8: np.ndarray, reference_uint8: np.ndarray, *, extractor: str, data_name: str,
-                    split: str = "test", metrics=METRICS, cache: Path | None = None, batch_size: int = 256,
-                    device: str = "cpu") -> dict:
+                    split: str = "test", metrics=DEFAULT_METRICS, cache: Path | None = None, batch_size: int = 256,
+                    device: str = "cpu", dinov2_model: str = DINOV2_EXTRACTOR) -> dict:
     """Return the metric record of samples against a reference set, both uint8 (N, H, W, 3).
 
-    Record: {"metrics": {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall"}
-    (those asked for), "metric_label", "extractor", "reference_stats_id", "num_samples", "num_reference",
-    "feature_dim", "settings", "versions", "extractor_info" (digits: held-out accuracy and weights hash),
-    "warnings"}.
+    Record: {"metrics": {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "sfid",
+    "fd_dinov2"} (those asked for), "metric_label" (the FID's), "metric_labels" ({metric: label}), "extractor",
+    "reference_stats_id" (the extractor's), "num_samples", "num_reference", "feature_dim" (the extractor's FID
+    layer), "feature_spaces" ({metric: {"extractor", "layer", "feature_dim", "reference_stats_id" (None for IS)}},
+    sFID's with its "source" tensor), "metric_wall_s" ({metrics computed together: seconds}), "settings",
+    "versions", "extractor_info" (digits: held-out accuracy and weights hash), "warnings"}.
     """
-    metrics = tuple(metrics)
+    metrics = tuple(dict.fromkeys(metrics))
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metrics={list(metrics)}: each must be one of {list(METRICS)} (at least one)")
@@ -446,68 +766,88 @@ def compute_metrics(samples_uint8: np.ndarray, reference_uint8: np.ndarray, *, e
                          f"got {num_samples} and {num_reference}")
     record_warnings: list[str] = []
 
-    if extractor == DIGITS_EXTRACTOR:
-        info = digits_extractor_info(cache)
-        weights_path = info["weights_path"]
-        # Features of a retrained extractor must never meet cached features of the old one.
-        stats_root = cache / "fidelity" / f"{extractor}_{info['weights_sha256'][:12]}"
-        extractor_info = {k: info[k] for k in ("name", "heldout_accuracy", "weights_sha256")}
-    elif extractor in FEATURE_EXTRACTORS_REGISTRY:
-        weights_path = None  # torch-fidelity's pinned weights (Inception's URL carries its hash)
-        stats_root = cache / "fidelity" / extractor
-        extractor_info = {"name": extractor}
-        if extractor == INCEPTION_EXTRACTOR:
-            extractor_info["weights_url"] = URL_INCEPTION_V3
-    else:
+    cls = _extractor_class(extractor)
+    if cls is None:
         raise ValueError(f"extractor={extractor!r} is not registered; allowed: "
                          f"{sorted(set(FEATURE_EXTRACTORS_REGISTRY) | {DIGITS_EXTRACTOR})}")
-
-    try:
-        feature_dim = _probe_feature_dim(extractor, weights_path, samples_uint8[0], cuda)
-    except URLError as e:
-        raise MissingWeightsError(_offline_message(extractor)) from e
-    extractor_info["feature_dim"] = feature_dim
-
-    provided = FEATURE_EXTRACTORS_REGISTRY[extractor].get_provided_features_list()
-    if "isc" in metrics and _ISC_LAYER not in provided:
+    # Kept from before metric_problems existed: IS asked for (it is in the default list) with an extractor
+    # without logits is skipped loudly rather than refused.
+    if "isc" in metrics and _ISC_LAYER not in cls.get_provided_features_list():
         _warn(f"Inception Score skipped: extractor {extractor} has no '{_ISC_LAYER}' layer", record_warnings)
         metrics = tuple(m for m in metrics if m != "isc")
         if not metrics:
             raise ValueError(f"extractor {extractor} cannot compute any of the requested metrics")
-    if "fid" in metrics and min(num_samples, num_reference) < feature_dim:
-        _warn(f"FID from fewer images than feature dimensions ({num_samples} samples, {num_reference} "
-              f"reference images, {feature_dim} features): the covariance is singular and the FID is biased; "
-              "do not compare it with FIDs from more images", record_warnings)
+    problems = metric_problems(metrics, extractor, dinov2_model)
+    if problems:
+        raise ValueError(f"cannot compute metrics={list(metrics)}: " + "; ".join(problems))
+
+    # Every extractor is loaded before any image is: missing weights fail before any work.
+    main, spaces, extractor_info = _feature_spaces(metrics, extractor, dinov2_model, cache)
+    dims = _load_spaces([main, *spaces.values()], samples_uint8[0], cuda)
+    feature_dim = dims[(main.extractor, main.layer)]
+    extractor_info["feature_dim"] = feature_dim
+
+    for m, name in _FRECHET_NAMES.items():
+        d = dims[(spaces[m].extractor, spaces[m].layer)] if m in metrics else 0
+        if min(num_samples, num_reference) < d:
+            _warn(f"{name} from fewer images than feature dimensions ({num_samples} samples, {num_reference} "
+                  f"reference images, {d} features): the covariance is singular and the {name} is biased; "
+                  f"do not compare it with {name}s from more images", record_warnings)
     if "prc" in metrics and min(num_samples, num_reference) <= PRC_NEIGHBORHOOD:
         raise ValueError(f"precision/recall needs more than {PRC_NEIGHBORHOOD} images in each set, "
                          f"got {num_samples} and {num_reference}")
 
-    stats_id = reference_stats_id(reference_uint8, data_name, split, extractor)
+    stats_ids = _reference_stats_ids(reference_uint8, data_name, split,
+                                     sorted({main.extractor, *(s.extractor for s in spaces.values())}))
+    stats_id = stats_ids[extractor]
     settings = {"kid_subsets": KID_SUBSETS,
                 "kid_subset_size": min(KID_SUBSET_SIZE, num_samples, num_reference),  # KID needs n >= it
                 "isc_splits": min(ISC_SPLITS, num_samples), "prc_neighborhood": PRC_NEIGHBORHOOD,
                 "rng_seed": METRICS_SEED, "batch_size": batch_size}
-    try:
-        raw = torch_fidelity.calculate_metrics(
-            input1=_UInt8Images(samples_uint8), input2=_UInt8Images(reference_uint8),
-            cuda=cuda, batch_size=batch_size, feature_extractor=extractor,
-            feature_extractor_weights_path=weights_path,
-            isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics, prc="prc" in metrics,
-            # important: the cache name holds the content hash (torch-fidelity keys its cache by name only)
-            input2_cache_name=stats_id, cache_root=str(stats_root), cache=True,
-            kid_subsets=settings["kid_subsets"], kid_subset_size=settings["kid_subset_size"],
-            isc_splits=settings["isc_splits"], prc_neighborhood=PRC_NEIGHBORHOOD, rng_seed=METRICS_SEED,
-            save_cpu_ram=True,  # in-memory tensors: loader worker processes only cost start-up time
-            verbose=False,
-        )
-    except URLError as e:
-        raise MissingWeightsError(_offline_message(extractor)) from e
-    values = {_RESULT_KEYS[k]: float(v) for k, v in raw.items() if k in _RESULT_KEYS}
+    values, wall_s = {}, {}
+    with_fidelity = [m for m in metrics if m in _TORCH_FIDELITY_METRICS]
+    if with_fidelity:
+        t0 = time.perf_counter()
+        try:
+            raw = torch_fidelity.calculate_metrics(
+                input1=_UInt8Images(samples_uint8), input2=_UInt8Images(reference_uint8),
+                cuda=cuda, batch_size=batch_size, feature_extractor=extractor,
+                feature_extractor_weights_path=main.weights_path,
+                isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics, prc="prc" in metrics,
+                # important: the cache name holds the content hash (torch-fidelity keys its cache by name only)
+                input2_cache_name=stats_id, cache_root=str(main.stats_root), cache=True,
+                kid_subsets=settings["kid_subsets"], kid_subset_size=settings["kid_subset_size"],
+                isc_splits=settings["isc_splits"], prc_neighborhood=PRC_NEIGHBORHOOD, rng_seed=METRICS_SEED,
+                save_cpu_ram=True,  # in-memory tensors: loader worker processes only cost start-up time
+                verbose=False,
+            )
+        except URLError as e:
+            raise MissingWeightsError(_offline_message(extractor)) from e
+        values.update({_RESULT_KEYS[k]: float(v) for k, v in raw.items() if k in _RESULT_KEYS})
+        wall_s["+".join(with_fidelity)] = time.perf_counter() - t0
+    for m in metrics:
+        if m not in _TORCH_FIDELITY_METRICS:  # one more pass over both sets, in another feature space
+            t0 = time.perf_counter()
+            space = spaces[m]
+            values[m] = _frechet_in_space(space, samples_uint8, reference_uint8, stats_ids[space.extractor],
+                                          batch_size, cuda)
+            wall_s[m] = time.perf_counter() - t0
     for k, v in values.items():
         if not np.isfinite(v):
             _warn(f"{k} is {v}", record_warnings)
-    return {"metrics": values, "metric_label": metric_label(extractor), "extractor": extractor,
-            "reference_stats_id": stats_id, "num_samples": num_samples, "num_reference": num_reference,
-            "feature_dim": feature_dim, "settings": settings,
+
+    feature_spaces = {}
+    for m, s in spaces.items():
+        feature_spaces[m] = {"extractor": s.extractor, "layer": s.layer, "feature_dim": dims[(s.extractor, s.layer)],
+                             "reference_stats_id": None if m == "isc" else stats_ids[s.extractor]}
+        if m == "sfid":
+            feature_spaces[m]["source"] = getattr(_extractor_class(s.extractor), "SPATIAL_SOURCE", None)
+        if m == "fd_dinov2":
+            feature_spaces[m]["weights_url"] = dinov2_paths(s.extractor)["weights_url"]
+    labels = {m: metric_label(spaces[m].extractor if m == "fd_dinov2" else extractor, m) for m in metrics}
+    return {"metrics": values, "metric_label": metric_label(extractor), "metric_labels": labels,
+            "extractor": extractor, "reference_stats_id": stats_id, "num_samples": num_samples,
+            "num_reference": num_reference, "feature_dim": feature_dim, "feature_spaces": feature_spaces,
+            "metric_wall_s": wall_s, "settings": settings,
             "versions": {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__},
             "extractor_info": extractor_info, "warnings": record_warnings}

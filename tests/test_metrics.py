@@ -311,3 +311,61 @@ def test_reference_images_digits_and_imagefolder(tmp_path):
         M.reference_images(cfg, "test")
     with pytest.raises(ValueError, match="allowed 'digits', 'imagefolder'"):
         M.reference_images(DataConfig(name="synthetic"), "test")
+
+
+# ---- which metrics an extractor can compute ----
+
+def test_metric_problems_name_every_reason():
+    assert M.metric_problems(("fid", "isc", "kid", "prc", "sfid"), M.DIGITS_EXTRACTOR) == []
+    assert M.metric_problems(M.METRICS, M.INCEPTION_EXTRACTOR) == []  # sFID through its spatial companion
+    (unknown,) = M.metric_problems(("fid", "lpips"), M.DIGITS_EXTRACTOR)
+    assert "'lpips'" in unknown and all(f"'{m}'" in unknown for m in M.METRICS)  # and the allowed names
+    isc, sfid = M.metric_problems(("isc", "sfid"), PACKED)
+    assert "logits" in isc and PACKED in isc
+    assert PACKED in sfid and M.INCEPTION_EXTRACTOR in sfid and M.DIGITS_EXTRACTOR in sfid  # and which can
+    assert M.metric_problems(("sfid",), "vgg16")  # a registered extractor without a spatial map
+    (unregistered,) = M.metric_problems(("fid",), "no-such-net")
+    assert "not registered" in unregistered and M.INCEPTION_EXTRACTOR in unregistered
+    (dino,) = M.metric_problems(("fd_dinov2",), M.DIGITS_EXTRACTOR, dinov2_model="vgg16")
+    assert "'vgg16'" in dino and M.DINOV2_EXTRACTOR in dino
+    assert M.metric_problems([], M.DIGITS_EXTRACTOR) and M.metric_problems("fid", M.DIGITS_EXTRACTOR)
+
+
+def test_what_cannot_be_computed_is_refused_before_any_extractor_loads(two_gaussians, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        pytest.fail("an extractor was loaded")
+
+    monkeypatch.setattr(M, "create_feature_extractor", no_load)
+    with pytest.raises(ValueError, match="sfid needs a spatial feature map"):
+        M.preflight(("fid", "sfid"), PACKED, cuda=False, cache=tmp_path)
+    x1, x2, _, _ = two_gaussians
+    with pytest.raises(ValueError, match="sfid needs a spatial feature map"):
+        M.compute_metrics(x1, x2, extractor=PACKED, data_name="synthetic", metrics=("fid", "sfid"), cache=tmp_path)
+    assert M.DEFAULT_METRICS == ("fid", "isc", "kid", "prc")  # the new metrics are asked for, never implied
+
+
+def test_metric_labels_for_every_metric():
+    assert [M.metric_label(M.INCEPTION_EXTRACTOR, m) for m in M.METRICS if m != "fd_dinov2"] \
+        == ["FID", "IS", "KID", "precision/recall", "sFID"]
+    assert M.metric_label(M.DIGITS_EXTRACTOR, "sfid") == "sFID (digits extractor)"
+    assert M.metric_label(M.DINOV2_EXTRACTOR, "fd_dinov2") == "FD-DINOv2"
+    assert M.metric_label("dinov2-vit-s-14", "fd_dinov2") == "FD-DINOv2 (dinov2-vit-s-14)"
+    assert M.metric_label(M.DINOV2_EXTRACTOR, "fid") == "FID (dinov2-vit-l-14 extractor)"  # not the paper's FID
+    with pytest.raises(ValueError, match="allowed"):
+        M.metric_label(M.INCEPTION_EXTRACTOR, "lpips")
+
+
+def test_the_light_table_of_extractor_features_is_torch_fidelitys():
+    """metric_spec checks metric lists without loading torch-fidelity; its table must say what the registry says."""
+    from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    from harness import metric_spec
+
+    M.digits_extractor_info()  # registers the harness's own extractors
+    for name, features in metric_spec.KNOWN_FEATURES.items():
+        cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        assert tuple(cls.get_provided_features_list()) == features, name
+    shipped = {n for n, c in FEATURE_EXTRACTORS_REGISTRY.items() if c.__module__.startswith("torch_fidelity")}
+    assert shipped <= set(metric_spec.KNOWN_FEATURES)  # torch-fidelity's own extractors need no import to check
+    assert set(metric_spec.DINOV2_MODELS) == set(MODEL_METADATA)
