@@ -27,7 +27,7 @@ import os
 from harness import plots, scaling
 from harness.results import load
 
-SWEEP_DIRS = ["../outputs/sweeps/demo"]
+SWEEP_DIRS = ["../outputs/demo"]
 if os.environ.get("HARNESS_RESULTS"):
     SWEEP_DIRS = os.environ["HARNESS_RESULTS"].split(os.pathsep)
 FIG_DIR = os.environ.get("HARNESS_FIG_DIR", "figures")

@@ -7,10 +7,13 @@ scaled by LATENT_SCALE so it has roughly unit variance. Everything here talks in
 import json
 import os
 import re
+import warnings
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from harness.cli import MissingWeights
 
 # The one home of the SD VAE latent scale (latent = sample * 0.18215, decode with z / 0.18215).
 LATENT_SCALE = 0.18215
@@ -82,7 +85,7 @@ def _offline_message(source: str) -> str:
 
 def tiny_vae(seed: int = 0):
     """Returns a tiny AutoencoderKL (4 latent channels, downsample 2) with weights fixed by `seed`."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # imported where used (here and below): seconds, and pixel data never needs it
 
     # fork_rng: building the tiny VAE must not move the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
@@ -95,6 +98,11 @@ def load_vae(source: str):
     """Returns an AutoencoderKL (eval mode) from a hub id, a local folder or TINY_VAE; clear error offline."""
     from diffusers import AutoencoderKL
 
+    def from_pretrained(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return AutoencoderKL.from_pretrained(*args, low_cpu_mem_usage=False, **kwargs).eval()
+
     if source == TINY_VAE:
         return tiny_vae()
     if _is_local(source):
@@ -106,20 +114,20 @@ def load_vae(source: str):
             )
         # A whole Stable Diffusion pipeline folder keeps its VAE in vae/.
         sub = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
-        return AutoencoderKL.from_pretrained(path, subfolder=sub).eval()
+        return from_pretrained(path, subfolder=sub)
     # Cache first: no network, no retries. Only then try a download.
     try:
-        return AutoencoderKL.from_pretrained(source, local_files_only=True).eval()
+        return from_pretrained(source, local_files_only=True)
     except OSError:
         pass
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # comes with diffusers, imported as late as it
 
     if constants.HF_HUB_OFFLINE:
-        raise OSError(_offline_message(source) + "\n(HF_HUB_OFFLINE is set.)")
+        raise MissingWeights(_offline_message(source) + "\n(HF_HUB_OFFLINE is set.)")
     try:
-        return AutoencoderKL.from_pretrained(source).eval()
+        return from_pretrained(source)
     except OSError as e:
-        raise OSError(_offline_message(source)) from e
+        raise MissingWeights(_offline_message(source)) from e
 
 
 def vae_geometry(source: str) -> tuple[int, int]:
@@ -143,7 +151,7 @@ def vae_geometry(source: str) -> tuple[int, int]:
         try:
             config = AutoencoderKL.load_config(source, local_files_only=True)
         except OSError as e:
-            raise OSError(_offline_message(source)) from e
+            raise MissingWeights(_offline_message(source)) from e
     # Each encoder block but the last halves the resolution.
     return int(config["latent_channels"]), 2 ** (len(config["block_out_channels"]) - 1)
 
@@ -192,17 +200,3 @@ class VAECodec:
     def decode(self, z: Tensor) -> Tensor:
         """Returns pixels (N, 3, H, W) float32, nominally in [-1, 1], from scaled latents."""
         return self.vae.decode(z.to(self.device, self.dtype) / LATENT_SCALE).sample.float()
-
-
-def build_codec(data_cfg, device="cpu") -> Codec:
-    """Returns the codec a data config trains through: identity for digits/synthetic, the VAE otherwise."""
-    if data_cfg.name == "digits":
-        return IdentityCodec(data_cfg.channels)
-    if data_cfg.name == "synthetic":
-        # Synthetic items are already latent-shaped (see data.SyntheticDataset).
-        return IdentityCodec(vae_geometry(getattr(data_cfg, "vae", DEFAULT_VAE))[0])
-    if data_cfg.name in ("imagefolder", "latents"):
-        return VAECodec(data_cfg.vae, device=device)
-    from harness.data import DATASETS
-
-    raise ValueError(f"unknown data set {data_cfg.name!r}; allowed: {', '.join(DATASETS)}")

@@ -8,6 +8,7 @@ that restores the generator sees exactly the batches it would have seen.
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,17 +16,59 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from harness.autoencoder import DEFAULT_VAE, LATENT_SCALE, encoder_id, vae_geometry
+from harness.autoencoder import DEFAULT_VAE, LATENT_SCALE, Codec, IdentityCodec, VAECodec, encoder_id, vae_geometry
 
-DATASETS = ("digits", "imagefolder", "latents", "synthetic")
 SPLITS = ("train", "test")
+# Feature extractors of the FID family (harness.metrics registers and runs them); named here because each
+# data set kind says which one measures it.
+DIGITS_EXTRACTOR = "digits-cnn"  # a small CNN trained on the digits themselves (FID "(digits extractor)")
+INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's port of the TF Inception the paper used
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """What the harness knows about one kind of data set (`data.name`); the one place a kind is looked up."""
+
+    name: str
+    latent: bool  # the DiT sees SD-VAE-latent-shaped input (sized by the VAE) or the pixels themselves
+    vae_codec: bool  # samples decode through the VAE (and pixels encode through it); else the identity
+    encode_every_step: bool  # pixels are encoded through the VAE at every training step (the paper's way)
+    needs_path: bool  # data.path must name a folder
+    splits: tuple[str, ...]  # the splits it holds
+    extractor: str  # the FID feature extractor that measures it
+    reference: bool  # its own images can serve as the FID reference set (else eval.reference_npz)
+    sizes: tuple[int, ...] | None = None  # allowed image sizes (None: any multiple of `size_multiple`)
+    size_multiple: int = 1
+    precomputed: bool = False  # latents read from shards, whose meta.json knows their shape
+
+
+DIGITS_SIZE_MULTIPLE = 8  # digits are 8x8; resize to a multiple so every DiT patch size (2, 4, 8) divides it
+IMAGE_FOLDER_SIZES = (256, 512)  # the paper's resolutions
+DATA_KINDS = {k.name: k for k in (
+    DataKind("digits", latent=False, vae_codec=False, encode_every_step=False, needs_path=False, splits=SPLITS,
+             extractor=DIGITS_EXTRACTOR, reference=True, size_multiple=DIGITS_SIZE_MULTIPLE),
+    DataKind("imagefolder", latent=True, vae_codec=True, encode_every_step=True, needs_path=True,
+             splits=("train",), extractor=INCEPTION_EXTRACTOR, reference=True, sizes=IMAGE_FOLDER_SIZES),
+    DataKind("latents", latent=True, vae_codec=True, encode_every_step=False, needs_path=True,
+             splits=("train",), extractor=INCEPTION_EXTRACTOR, reference=False, precomputed=True),
+    # Fixed random latent-shaped tensors, for benchmarks: already in the model's space (no VAE needed).
+    DataKind("synthetic", latent=True, vae_codec=False, encode_every_step=False, needs_path=False,
+             splits=SPLITS, extractor=INCEPTION_EXTRACTOR, reference=False),
+)}
+DATASETS = tuple(DATA_KINDS)
+
+
+def data_kind(name: str) -> DataKind:
+    """Returns the DataKind of a data set name; ValueError naming the allowed ones."""
+    kind = DATA_KINDS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+    return kind
 
 # digits: the i-th image (0-based) of each class goes to the test split when i % 6 == 5: a fixed,
 # stratified, RNG-free split (1,501 train / 296 test) that interleaves the writers of the original data.
 DIGITS_TEST_EVERY = 6
-DIGITS_SIZE_MULTIPLE = 8  # digits are 8x8; resize to a multiple so every DiT patch size (2, 4, 8) divides it
 DIGITS_NUM_CLASSES = 10
-IMAGE_FOLDER_SIZES = (256, 512)  # the paper's resolutions
 # Same list as torchvision.datasets.folder.IMG_EXTENSIONS, so we find the files ImageFolder finds.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SYNTHETIC_POOL = 1024  # distinct synthetic tensors kept in memory; indices wrap around the pool
@@ -69,6 +112,16 @@ def pil_to_tensor(pil_image: Image.Image) -> Tensor:
     """Returns a (3, H, W) float32 tensor in [-1, 1] (the ToTensor + Normalize(0.5, 0.5) of DiT)."""
     arr = np.asarray(pil_image.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_uint8_rgb(images: Tensor | np.ndarray) -> np.ndarray:
+    """Returns float images (N, C, H, W) in [-1, 1] as uint8 (N, H, W, 3); grayscale is replicated to RGB."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, C, H, W) with C in (1, 3), got shape {tuple(x.shape)}")
+    # The rounding of facebookresearch/DiT sample_ddp.py, so references and samples quantise alike.
+    x = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -146,7 +199,7 @@ class ArrayDataset(_Dataset):
 
 
 def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here, not at the top: scikit-learn adds ~1 s to every start-up
 
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
@@ -349,64 +402,47 @@ def _missing(path) -> bool:
     return path is None or str(path) in ("", "???")
 
 
-def validate_data(data_cfg) -> list[str]:
-    """Returns every problem with a data config as a string; empty when it can be built."""
-    name, size = data_cfg.name, data_cfg.image_size
-    if name not in DATASETS:
-        return [f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}"]
+def _first_image(folder: str) -> bool:
+    for _, _, names in os.walk(folder, followlinks=True):
+        if any(n.lower().endswith(IMG_EXTENSIONS) for n in names):
+            return True
+    return False
+
+
+def _digits_problems(data_cfg) -> list[str]:
     problems = []
-    if not isinstance(size, int) or size < 1:
-        return [f"data.image_size must be a positive integer, got {size!r}"]
-    if data_cfg.num_classes < 1:
-        problems.append(f"data.num_classes must be positive, got {data_cfg.num_classes}")
+    if data_cfg.num_classes != DIGITS_NUM_CLASSES:
+        problems.append(f"digits has {DIGITS_NUM_CLASSES} classes, config says {data_cfg.num_classes}")
+    if data_cfg.channels != 1:
+        problems.append(f"digits has 1 channel, config says {data_cfg.channels}")
+    return problems
 
-    if name == "digits":
-        if size % DIGITS_SIZE_MULTIPLE:
-            problems.append(f"digits image_size {size} not allowed: use a multiple of {DIGITS_SIZE_MULTIPLE}")
-        if data_cfg.num_classes != DIGITS_NUM_CLASSES:
-            problems.append(f"digits has {DIGITS_NUM_CLASSES} classes, config says {data_cfg.num_classes}")
-        if data_cfg.channels != 1:
-            problems.append(f"digits has 1 channel, config says {data_cfg.channels}")
-        return problems
 
-    try:
-        _, downsample = vae_geometry(_vae(data_cfg))
-    except (OSError, ValueError) as e:
-        return problems + [str(e)]
+def _synthetic_problems(data_cfg) -> list[str]:
+    if getattr(data_cfg, "synthetic_count", 1) < 1:
+        return [f"data.synthetic_count must be positive, got {data_cfg.synthetic_count}"]
+    return []
 
-    if name == "synthetic":
-        if getattr(data_cfg, "synthetic_count", 1) < 1:
-            problems.append(f"data.synthetic_count must be positive, got {data_cfg.synthetic_count}")
-        if size % downsample:
-            problems.append(f"synthetic image_size {size} is not a multiple of VAE downsample {downsample}")
-        return problems
 
+def _imagefolder_problems(data_cfg) -> list[str]:
     path = data_cfg.path
-    if _missing(path):
-        return problems + [f"data.path is required for {name!r} (got {path!r})"]
-    if not os.path.isdir(path):
-        return problems + [f"{name} folder {path!r} does not exist"]
+    classes = _class_dirs(path)
+    if not classes:
+        return [f"image folder {path!r} has no class sub-folders (expected root/<class>/<image>)"]
+    if not any(_first_image(os.path.join(path, c)) for c in classes):
+        return [f"image folder {path!r} holds no images ({', '.join(IMG_EXTENSIONS)})"]
+    if len(classes) != data_cfg.num_classes:
+        return [f"image folder {path!r} has {len(classes)} classes, config says {data_cfg.num_classes}"]
+    return []
 
-    if name == "imagefolder":
-        if size not in IMAGE_FOLDER_SIZES:
-            problems.append(f"imagefolder image_size {size} not allowed; allowed: {IMAGE_FOLDER_SIZES}")
-        classes = _class_dirs(path)
-        if not classes:
-            problems.append(f"image folder {path!r} has no class sub-folders (expected root/<class>/<image>)")
-        elif not any(_first_image(os.path.join(path, c)) for c in classes):
-            problems.append(f"image folder {path!r} holds no images ({', '.join(IMG_EXTENSIONS)})")
-        elif len(classes) != data_cfg.num_classes:
-            problems.append(
-                f"image folder {path!r} has {len(classes)} classes, config says {data_cfg.num_classes}"
-            )
-        return problems
 
-    # latents
+def _latents_problems(data_cfg) -> list[str]:
+    path = data_cfg.path
     try:
         meta = read_meta(path)
     except ValueError as e:
-        return problems + [str(e)]
-    problems += latent_meta_problems(meta, _vae(data_cfg), size)
+        return [str(e)]
+    problems = latent_meta_problems(meta, _vae(data_cfg), data_cfg.image_size)
     if meta.get("num_classes") != data_cfg.num_classes:
         problems.append(f"latent folder {path!r} has {meta.get('num_classes')} classes, "
                         f"config says {data_cfg.num_classes}")
@@ -417,11 +453,45 @@ def validate_data(data_cfg) -> list[str]:
     return problems
 
 
-def _first_image(folder: str) -> bool:
-    for _, _, names in os.walk(folder, followlinks=True):
-        if any(n.lower().endswith(IMG_EXTENSIONS) for n in names):
-            return True
-    return False
+# The checks only one kind needs, after the shared ones (size, classes, path).
+_KIND_PROBLEMS = {
+    "digits": _digits_problems,
+    "synthetic": _synthetic_problems,
+    "imagefolder": _imagefolder_problems,
+    "latents": _latents_problems,
+}
+
+
+def validate_data(data_cfg) -> list[str]:
+    """Returns every problem with a data config as a string; empty when it can be built."""
+    try:
+        kind = data_kind(data_cfg.name)
+    except ValueError as e:
+        return [str(e)]
+    name, size = kind.name, data_cfg.image_size
+    if not isinstance(size, int) or size < 1:
+        return [f"data.image_size must be a positive integer, got {size!r}"]
+    problems = []
+    if data_cfg.num_classes < 1:
+        problems.append(f"data.num_classes must be positive, got {data_cfg.num_classes}")
+    if kind.sizes is not None and size not in kind.sizes:
+        problems.append(f"{name} image_size {size} not allowed; allowed: {kind.sizes}")
+    if size % kind.size_multiple:
+        problems.append(f"{name} image_size {size} not allowed: use a multiple of {kind.size_multiple}")
+    if kind.latent:
+        try:
+            _, downsample = vae_geometry(_vae(data_cfg))
+        except (OSError, ValueError) as e:
+            return problems + [str(e)]
+        if kind.sizes is None and size % downsample:
+            problems.append(f"{name} image_size {size} is not a multiple of VAE downsample {downsample}")
+    if kind.needs_path:
+        path = data_cfg.path
+        if _missing(path):
+            return problems + [f"data.path is required for {name!r} (got {path!r})"]
+        if not os.path.isdir(path):
+            return problems + [f"{name} folder {path!r} does not exist"]
+    return problems + _KIND_PROBLEMS[name](data_cfg)
 
 
 def build_dataset(data_cfg, split: str = "train"):
@@ -431,33 +501,39 @@ def build_dataset(data_cfg, split: str = "train"):
     problems = validate_data(data_cfg)
     if problems:
         raise ValueError("bad data config: " + "; ".join(problems))
-    name = data_cfg.name
-    if name == "digits":
+    kind = data_kind(data_cfg.name)
+    if split not in kind.splits:
+        raise ValueError(
+            f"{kind.name!r} has only a 'train' split: its FID reference is the reference statistics of the "
+            f"training images (ADM), not a held-out split"
+        )
+    if kind.name == "digits":
         return DigitsDataset(split, data_cfg.image_size)
-    if name == "synthetic":
+    if kind.name == "synthetic":
         channels, size = model_input_shape(data_cfg)
         return SyntheticDataset(data_cfg.synthetic_count, (channels, size, size), data_cfg.num_classes,
                                 seed=SYNTHETIC_SEEDS[split])
-    if split != "train":
-        raise ValueError(
-            f"{name!r} has only a 'train' split: its FID reference is the reference statistics of the "
-            f"training images (ADM), not a held-out split"
-        )
-    if name == "imagefolder":
+    if kind.name == "imagefolder":
         return ImageFolderDataset(data_cfg.path, data_cfg.image_size)
     return LatentShardDataset(data_cfg.path, vae=_vae(data_cfg), resolution=data_cfg.image_size)
 
 
 def model_input_shape(data_cfg) -> tuple[int, int]:
     """Returns (in_channels, input_size) of what the DiT sees: pixels for digits, VAE latents otherwise."""
-    name = data_cfg.name
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
-    if name == "digits":
+    kind = data_kind(data_cfg.name)
+    if not kind.latent:
         return data_cfg.channels, data_cfg.image_size
     path = data_cfg.path
-    if name == "latents" and not _missing(path) and os.path.isfile(os.path.join(path, META_FILE)):
-        c, h, _ = read_meta(data_cfg.path)["latent_shape"]
+    if kind.precomputed and not _missing(path) and os.path.isfile(os.path.join(path, META_FILE)):
+        c, h, _ = read_meta(data_cfg.path)["latent_shape"]  # precomputed shards know their latent shape
         return c, h
     channels, downsample = vae_geometry(_vae(data_cfg))
     return channels, data_cfg.image_size // downsample
+
+
+def build_codec(data_cfg, device="cpu") -> Codec:
+    """Returns the codec between pixels and what the DiT sees: the SD VAE for kinds trained on its latents,
+    the identity otherwise (digits pixels; synthetic tensors, already latent-shaped)."""
+    if data_kind(data_cfg.name).vae_codec:
+        return VAECodec(data_cfg.vae, device=device)
+    return IdentityCodec(model_input_shape(data_cfg)[0])

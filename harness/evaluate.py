@@ -2,17 +2,21 @@
 
     python -m harness.evaluate run_dir=outputs/demo/DiT-demo-S-2_... step=300
     python -m harness.evaluate run_dir=... step=all eval=fid10k    # every evaluation step, another preset
-    python -m harness.evaluate run_dir=... step=400000 eval.cfg_scale=1.5
+    python -m harness.evaluate run_dir=... step=400000 eval=fid50k_cfg   # the paper's guided protocol
 
 Samples are written shard by shard (`harness.sample`), so a killed evaluation resumes without redoing
-finished shards. A record is written atomically once the metrics exist; an existing record made with
-the same settings is returned as is, and one made with other settings is never overwritten: the new
-record then goes to `evals/step_N_<settings-hash>.json`.
+finished shards. A record is written atomically once the metrics exist. Records are named by their
+settings (the fields of EvalConfig that name an evaluation, harness.config), never by the metric list:
+an evaluation with the same settings and a metric the record lacks adds that metric to the record (from the
+same samples), never a second record; one made with other settings is never overwritten: it goes to
+`evals/step_N_<settings-hash>.json` beside the first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import sys
@@ -24,180 +28,227 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import checkpoint, distributed
-from harness.config import EvalConfig, eval_steps
+from harness import checkpoint, cli, distributed
+from harness.cell import (
+    check_checkpoint,
+    eval_problems,
+    extractor_for,
+    fast_path,
+    hold,
+    load_cell_model,
+    load_run_config,
+    run_dir_for,
+)
+from harness.config import ALWAYS, NEUTRAL, NEVER, ROLE, EvalConfig, eval_steps
 from harness.runfolder import atomic_write_json, read_json
+from harness.sample import SAMPLE_KEYS, sample_to_npz, save_pngs
 
 log = logging.getLogger(__name__)
 
-# The settings that change an evaluation's result; they name its samples folder and identify its record.
-EVAL_IDENTITY_KEYS = ("num_samples", "sampler", "sampling_steps", "cfg_scale", "cfg_channels",
-                      "label_sampling", "weights", "extractor", "metrics", "reference_split", "reference_npz",
-                      "seed")
+EVALS_DIR = "evals"
+# Not a setting of the record: the metrics asked for (a record is completed with the missing ones).
+METRICS_KEY = "metrics"
+_EVAL_FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
+# Fields that name a record: those with a role in EvalConfig other than `runtime`, except the metric list.
+SETTING_KEYS = tuple(k for k, f in _EVAL_FIELDS.items() if f.metadata.get(ROLE) != NEVER and k != METRICS_KEY)
+
+
+def _neutral(key: str) -> Any:
+    f = _EVAL_FIELDS[key]
+    return f.metadata.get(NEUTRAL, f.default if f.default is not dataclasses.MISSING else None)
+
+
+def _plain_eval(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg.eval, resolve=True) if isinstance(cfg.eval, DictConfig) else dict(cfg.eval)
 
 
 def eval_settings(cfg: Any) -> dict:
-    """Return the settings that identify an evaluation (EVAL_IDENTITY_KEYS), the extractor resolved."""
-    from harness.metrics import default_extractor
-
-    e = OmegaConf.to_container(cfg.eval, resolve=True) if isinstance(cfg.eval, DictConfig) else dict(cfg.eval)
-    e["extractor"] = e.get("extractor") or default_extractor(cfg.data.name)
-    return {k: e[k] for k in EVAL_IDENTITY_KEYS}
+    """Returns the settings that name an evaluation: the always-named fields of EvalConfig with their values
+    (the extractor resolved), and fields added later only where they differ from their neutral value."""
+    e = _plain_eval(cfg)
+    e["extractor"] = extractor_for(cfg)
+    return {k: e[k] for k in SETTING_KEYS
+            if _EVAL_FIELDS[k].metadata.get(ROLE) == ALWAYS or e[k] != _neutral(k)}
 
 
 def eval_hash(cfg: Any) -> str:
-    """Return 8 hex digits of the sha256 of eval_settings: names a record made with non-default settings."""
+    """Returns 8 hex digits of the sha256 of eval_settings: names a record made with non-default settings."""
     return hashlib.sha256(json.dumps(eval_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def samples_hash(cfg: Any) -> str:
-    """Return 8 hex digits naming the samples folder: only the settings that change the pixels, so
+    """Returns 8 hex digits naming the samples folder: only the settings that change the pixels, so
     re-scoring the same samples with another extractor or metric list does not sample again."""
-    from harness.sample import SAMPLE_KEYS
-
-    e = eval_settings(cfg)
+    e = _plain_eval(cfg)
     return hashlib.sha256(json.dumps({k: e[k] for k in SAMPLE_KEYS}, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def preflight_extractor(extractor: str, cuda: bool) -> int:
-    """Return the extractor's feature width, loading its weights now, so missing weights (offline Inception)
-    fail with a clear message before any sampling rather than after hours of it."""
-    from urllib.error import URLError
-
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    from harness import metrics
-
-    if extractor == metrics.DIGITS_EXTRACTOR:
-        weights_path = metrics.digits_extractor_info()["weights_path"]  # trains once (seconds), then cached
-    elif extractor in FEATURE_EXTRACTORS_REGISTRY:
-        weights_path = None
-    else:
-        raise ValueError(f"eval.extractor={extractor!r} is not registered; allowed: "
-                         f"{sorted(set(FEATURE_EXTRACTORS_REGISTRY) | {metrics.DIGITS_EXTRACTOR})}")
-    probe = np.zeros((metrics.DIGITS_CNN_SIZE, metrics.DIGITS_CNN_SIZE, 3), dtype=np.uint8)
-    try:
-        return metrics._probe_feature_dim(extractor, weights_path, probe, cuda)
-    except URLError as e:
-        raise metrics.MissingWeightsError(metrics._offline_message(extractor)) from e
+def _matches(record: dict, settings: dict) -> bool:
+    """True when `record` was made with `settings` (a field a record lacks held its neutral value then)."""
+    for k in SETTING_KEYS:
+        want = settings.get(k, _neutral(k))
+        if record.get(k, _neutral(k)) != want:
+            return False
+    return True
 
 
-def checkpoint_source(run_dir: Path, step: int) -> dict:
-    """Return the checkpoint's file name and sha256 (its sidecar's): what made a samples folder, kept valid
-    when the run folder is moved or copied."""
-    path = checkpoint.ckpt_path(run_dir / "checkpoints", step)
-    sidecar = read_json(path.with_suffix(".json")) or {}
-    return {"checkpoint": path.name, "checkpoint_sha256": sidecar.get("sha256")}
+# A record's value keys -> the metric that gives them (the others are named as their metric).
+_METRIC_OF_KEY = {"isc_mean": "isc", "isc_std": "isc", "kid_mean": "kid", "kid_std": "kid", "precision": "prc",
+                  "recall": "prc"}
+
+
+def requested_metrics(record: dict) -> list[str]:
+    """Returns the metric names a record was asked for (a record without the list: those its values show)."""
+    if isinstance(record.get("metrics_requested"), list):
+        return list(record["metrics_requested"])
+    return sorted({_METRIC_OF_KEY.get(k, k) for k in (record.get("metrics") or {})})
 
 
 def record_for(cfg: Any, run_dir: Path, step: int) -> tuple[Path, dict | None]:
-    """(where this evaluation's record goes, the record when it exists already with these settings).
+    """Returns (where this evaluation's record is or goes, the record when one exists with these settings).
 
     The first evaluation of a step is `evals/step_N.json`; one with other settings goes beside it as
-    `evals/step_N_<settings hash>.json`, so no record is ever overwritten by another setting's.
+    `evals/step_N_<settings hash>.json`. A torn record file is reported and treated as absent (rewritten).
     """
-    first = Path(run_dir) / "evals" / f"step_{step}.json"
-    existing = read_json(first)
-    if existing is None or existing.get("settings_hash") == eval_hash(cfg):
-        return first, existing
-    other = first.with_name(f"step_{step}_{eval_hash(cfg)}.json")
-    return other, read_json(other)
+    folder = Path(run_dir) / EVALS_DIR
+    settings = eval_settings(cfg)
+    first = folder / f"step_{step}.json"
+    candidates = [first] + sorted(folder.glob(f"step_{step}_*.json"))
+    torn = None
+    for path in candidates:
+        try:
+            record = read_json(path)
+        except ValueError as e:
+            log.warning("%s", e)
+            torn = torn or path
+            continue
+        if isinstance(record, dict) and _matches(record, settings):
+            return path, record
+    if torn is not None:
+        return torn, None
+    if not first.exists():
+        return first, None
+    other = folder / f"step_{step}_{eval_hash(cfg)}.json"
+    while other.exists():  # another setting's record under this name: never overwritten
+        other = other.with_name(other.stem + "x.json")
+    return other, None
 
 
-def load_cell_model(cfg: Any, run_dir: Path, step: int, weights: str, device: torch.device):
-    """(model with the checkpoint's weights, codec, latent shape) of a cell; clear errors for bad input."""
-    from harness import data, models
-    from harness.autoencoder import build_codec
-    from harness.train import build_model
+def missing_metrics(cfg: Any, record: dict | None) -> list[str]:
+    """Returns the metrics cfg asks for that `record` does not hold yet (all of them when it is None)."""
+    have = set(requested_metrics(record)) if record else set()
+    return [m for m in cfg.eval.metrics if m not in have]
 
-    path = checkpoint.ckpt_path(run_dir / "checkpoints", step)
-    if not path.exists():
-        have = checkpoint.list_steps(run_dir / "checkpoints")
-        raise FileNotFoundError(
-            f"no checkpoint for step {step} in {run_dir / 'checkpoints'} (have steps {have})"
-        )
-    problem = checkpoint.verify(path)
-    if problem:
-        raise ValueError(f"checkpoint {path} cannot be trusted: {problem}")
-    model = build_model(cfg)
-    models.load_checkpoint(checkpoint.load(path), model, key=weights)
-    model.to(device).eval()
-    in_channels, input_size = data.model_input_shape(cfg.data)
-    return model, build_codec(cfg.data, device=device), (in_channels, input_size, input_size)
+
+def evaluation_done(cfg: Any, run_dir: Path, step: int) -> bool:
+    """True when the step has a record with these settings holding every metric asked for."""
+    _, record = record_for(cfg, run_dir, step)
+    return record is not None and not missing_metrics(cfg, record)
 
 
 def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
-    """Sample from the checkpoint at `step`, compute the metrics, write and return the record.
+    """Samples from the checkpoint at `step`, computes the metrics, writes and returns the record.
 
-    The record is `evals/step_N.json`, or `evals/step_N_<eval_hash>.json` when step_N.json holds an
-    evaluation with other settings (never overwritten). Raises ValueError for bad settings, FileNotFoundError
-    for a missing checkpoint and MissingWeightsError for missing extractor weights, before any sampling.
+    Raises cli.BadInput for bad settings, FileNotFoundError for a missing checkpoint and cli.MissingWeights
+    for extractor weights that are not here, all before any sampling. Holds the cell's lease while writing.
     """
-    from harness import metrics
-    from harness.config import validate
-    from harness.sample import sample_to_npz
-    from harness.train import fast_path, run_dir_for
-
-    problems = [p for p in validate(cfg) if p.startswith("eval.")]
+    problems = eval_problems(cfg)
     if problems:
-        raise ValueError("bad evaluation settings:\n  - " + "\n  - ".join(problems))
+        raise cli.BadInput(f"bad evaluation settings: {'; '.join(problems)}")
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
-    settings = eval_settings(cfg)
-    record_path, existing = record_for(cfg, run_dir, step)
-    if existing is not None:
+    _, existing = record_for(cfg, run_dir, step)
+    if existing is not None and not missing_metrics(cfg, existing):
         return existing
-
+    check_checkpoint(run_dir, step)  # before anything is held, loaded or trained
     env = distributed.init(cfg.device)
+    if env.is_main:  # missing weights fail here, with what to fetch and where, before the lease and any sampling
+        from harness import metrics  # see _evaluate
+
+        metrics.preflight(missing_metrics(cfg, existing), extractor_for(cfg), cuda=env.device.type == "cuda",
+                          dinov2_model=cfg.eval.dinov2_model)
+    with hold(run_dir, "evaluate", env, cfg.lock_wait_s):
+        record_path, existing = record_for(cfg, run_dir, step)  # again: another process may have just written it
+        todo = missing_metrics(cfg, existing)
+        if existing is not None and not todo:
+            return existing
+        record = _evaluate(cfg, step, run_dir, env, record_path, existing, todo)
+    return record
+
+
+def _evaluate(cfg, step: int, run_dir: Path, env, record_path: Path, existing: dict | None, todo: list[str]) -> dict:
+    # Here, not at the top: torch-fidelity and the torchvision it loads take seconds to import, and the sweep
+    # imports this module to plan (it asks which evaluations are done) long before anything is measured.
+    from harness import metrics
+
     t0 = time.perf_counter()
+    extractor = extractor_for(cfg)
     model, codec, shape = load_cell_model(cfg, run_dir, step, cfg.eval.weights, env.device)
-    if env.is_main:
-        preflight_extractor(settings["extractor"], cuda=env.device.type == "cuda")
     precision, _ = fast_path(cfg.train, env.device)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16" else None
     samples_dir = run_dir / "samples" / f"step_{step}_{samples_hash(cfg)}"
     npz = sample_to_npz(model, codec, cfg.eval, samples_dir, shape, cfg.data.num_classes, env, autocast,
-                        source=checkpoint_source(run_dir, step))
+                        source=checkpoint.checkpoint_source(run_dir / "checkpoints", step),
+                        objective=cfg.objective.name)
     record = None
     if env.is_main:
         with np.load(npz) as f:
             samples = f["arr_0"]
         reference, split = reference_set(cfg)
         m = metrics.compute_metrics(
-            samples, reference, extractor=settings["extractor"], data_name=cfg.data.name,
-            split=split, metrics=tuple(cfg.eval.metrics),
-            device="cuda" if env.device.type == "cuda" else "cpu",
+            samples, reference, extractor=extractor, data_name=cfg.data.name, split=split, metrics=tuple(todo),
+            device="cuda" if env.device.type == "cuda" else "cpu", dinov2_model=cfg.eval.dinov2_model,
         )
         wall_s = time.perf_counter() - t0
-        ckpt = checkpoint.load(checkpoint.ckpt_path(run_dir / "checkpoints", step))
-        record = {
-            "step": step, "images_seen": int(ckpt["images_seen"]),
-            # important: the settings' "metrics" (the names asked for) must not replace the values
-            **{k: settings[k] for k in EVAL_IDENTITY_KEYS if k not in ("num_samples", "metrics")},
-            "metrics": m["metrics"], "metrics_requested": list(settings["metrics"]),
-            "num_samples": int(len(samples)), "preset": cfg.eval.preset,
-            "metric_label": metrics.metric_label(settings["extractor"]),
-            "reference_stats_id": m["reference_stats_id"], "num_reference": m.get("num_reference"),
-            "data": cfg.data.name, "samples": str(npz.relative_to(run_dir)),
-            "versions": versions(), "wall_s": wall_s,
-            "gpu_hours": wall_s / 3600 * env.world_size if env.device.type == "cuda" else 0.0,
-            "warnings": m.get("warnings", []), "settings_hash": eval_hash(cfg),
-            "extractor_info": m.get("extractor_info"), "metric_settings": m.get("settings"),
-            "feature_dim": m.get("feature_dim"),
-        }
+        record = _merge(existing, _new_record(cfg, step, run_dir, npz, samples, m, todo, wall_s, env), todo)
         atomic_write_json(record_path, record)
         if cfg.eval.save_png:
-            from harness.sample import save_pngs
-
             save_pngs(npz, samples_dir / "png", limit=64)
     distributed.barrier()
     return distributed.broadcast_object(record)
 
 
+def _new_record(cfg, step: int, run_dir: Path, npz: Path, samples: np.ndarray, m: dict, todo: list[str],
+                wall_s: float, env) -> dict:
+    """Returns the record of one evaluation: the metrics and every setting that produced them."""
+    settings = eval_settings(cfg)
+    ckpt = checkpoint.load(checkpoint.ckpt_path(run_dir / "checkpoints", step))
+    e = _plain_eval(cfg)
+    return {
+        "step": step, "images_seen": int(ckpt["images_seen"]),
+        # every naming field with its value, neutral or not, so a later reader needs no defaults
+        **{k: e[k] for k in SETTING_KEYS}, **settings,
+        "num_samples": int(len(samples)), "preset": cfg.eval.preset, "objective": cfg.objective.name,
+        "guided": bool(cfg.eval.cfg_scale > 1.0),
+        "metrics": dict(m["metrics"]), "metrics_requested": list(todo),
+        "metric_label": m["metric_label"], "reference_stats_id": m["reference_stats_id"],
+        "num_reference": m.get("num_reference"), "feature_spaces": m.get("feature_spaces", {}),
+        "data": cfg.data.name, "samples": str(npz.relative_to(run_dir)),
+        "versions": versions(), "wall_s": wall_s,
+        "gpu_hours": wall_s / 3600 * env.world_size if env.device.type == "cuda" else 0.0,
+        "warnings": m.get("warnings", []), "settings_hash": eval_hash(cfg),
+        "extractor_info": m.get("extractor_info"), "metric_settings": m.get("settings"),
+        "feature_dim": m.get("feature_dim"),
+    }
+
+
+def _merge(existing: dict | None, new: dict, added: list[str]) -> dict:
+    """Returns `existing` completed with the metrics in `added` (no value of it changed), or `new`."""
+    if existing is None:
+        return new
+    out = dict(existing)
+    out["metrics"] = {**new["metrics"], **existing.get("metrics", {})}
+    out["metrics_requested"] = requested_metrics(existing) + [m for m in added if m not in requested_metrics(existing)]
+    out["feature_spaces"] = {**new.get("feature_spaces", {}), **existing.get("feature_spaces", {})}
+    out["warnings"] = list(existing.get("warnings", [])) + list(new.get("warnings", []))
+    out["completed"] = list(existing.get("completed", [])) + [{"metrics": added, "wall_s": new["wall_s"],
+                                                                "versions": new["versions"]}]
+    return out
+
+
 def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
     """Return (reference images uint8 N x H x W x 3, split label): ADM's reference batch when given,
     else the data set's own split."""
-    from harness import metrics
-
+    from harness import metrics  # see _evaluate
     if cfg.eval.reference_npz:
         path = Path(cfg.eval.reference_npz)
         if not path.exists():
@@ -213,8 +264,6 @@ def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
 
 def evaluate_cell(cfg: Any, run_dir: str | Path | None = None) -> list[dict]:
     """Evaluate every configured step whose checkpoint exists; each one resumable on its own."""
-    from harness.train import run_dir_for
-
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
     have = set(checkpoint.list_steps(run_dir / "checkpoints"))
     missing = [s for s in eval_steps(cfg) if s not in have]
@@ -225,55 +274,43 @@ def evaluate_cell(cfg: Any, run_dir: str | Path | None = None) -> list[dict]:
 
 
 def versions() -> dict:
-    import torch_fidelity
+    """Returns the versions of what made a record: torch, torch-fidelity, numpy, the harness's commit."""
+    import torch_fidelity  # see _evaluate
 
-    import harness
-
-    return {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
-            "numpy": np.__version__, "harness": getattr(harness, "__version__", "0.1.0"),
-            "git_commit": checkpoint.git_commit()}
-
-
-def load_run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """Return the cell's resolved config with `eval=<preset>` and `eval.key=value` overrides applied."""
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = OmegaConf.merge(OmegaConf.structured(_schema()), OmegaConf.load(run_dir / "config.yaml"))
-    conf = Path(__file__).resolve().parents[1] / "conf" / "eval"
-    rest = []
-    for o in overrides:
-        if o.startswith("eval="):
-            preset = conf / f"{o.split('=', 1)[1]}.yaml"
-            if not preset.exists():
-                allowed = sorted(p.stem for p in conf.glob("*.yaml"))
-                raise ValueError(f"unknown eval preset {o.split('=', 1)[1]!r}; allowed: {allowed}")
-            cfg.eval = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(preset))
-        else:
-            rest.append(o)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+    try:
+        harness_version = importlib.metadata.version("harness")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        harness_version = None
+    return {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__, "numpy": np.__version__,
+            "harness": harness_version, "git_commit": checkpoint.git_commit()}
 
 
-def _schema():
-    from harness.config import Config
-
-    return Config
+USAGE = "usage: python -m harness.evaluate run_dir=RUN_FOLDER step=N|all [eval=PRESET] [eval.KEY=VALUE ...]"
 
 
-def main(argv: list[str] | None = None) -> None:
+@cli.guard
+def main(argv: list[str] | None = None) -> list[dict]:
+    """`python -m harness.evaluate run_dir=... step=N|all [eval=PRESET] [eval.KEY=V]`: prints the metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     kv = dict(a.split("=", 1) for a in args if a.startswith(("run_dir=", "step=")))
     if "run_dir" not in kv:
-        raise SystemExit("usage: python -m harness.evaluate run_dir=RUN_FOLDER step=N|all [eval=PRESET] "
-                         "[eval.KEY=V]")
-    run_dir = Path(kv["run_dir"])
-    cfg = load_run_config(run_dir, [a for a in args if not a.startswith(("run_dir=", "step="))])
+        raise cli.BadInput(f"run_dir= is missing; {USAGE}")
     step = kv.get("step", "all")
+    if step != "all" and not step.isdigit():
+        raise cli.BadInput(f"step={step!r}: expected a checkpoint step (a positive integer) or all")
+    run_dir = Path(kv["run_dir"])
+    if not run_dir.is_dir():
+        raise cli.BadInput(f"run_dir={run_dir}: no such folder")
+    cfg = load_run_config(run_dir, [a for a in args if not a.startswith(("run_dir=", "step="))])
+    problems = eval_problems(cfg)
+    if problems:
+        raise cli.BadInput(f"bad evaluation settings: {'; '.join(problems)}")
     records = evaluate_cell(cfg, run_dir) if step == "all" else [evaluate(cfg, int(step), run_dir)]
     for r in records:
-        if r is not None:  # None on ranks other than 0 never happens (broadcast), kept for safety
-            print(f"step {r['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()
-                                                     if isinstance(v, (int, float))))
+        print(f"step {r['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()
+                                                 if isinstance(v, (int, float))))
+    return records
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Parameters and compute of DiT models, in the paper's convention, checked against Table 4.
 
-Convention (DiT paper, and the authors in facebookresearch/DiT#14): `gflops` counts one multiply-add as
-one flop (MACs), for one forward pass of one image through the transformer (VAE excluded), attention
+Convention (DiT paper, and the authors on the public repository's issue tracker): `gflops` counts one
+multiply-add as one flop (MACs), for one forward pass of one image through the transformer (VAE excluded), attention
 matmuls QK^T and AV included. Real FLOPs are 2x that. Training compute = gflops x batch x steps x 3
 (backward ~ 2x forward). Parameters are the trainable ones: the fixed sin-cos pos_embed is left out,
 which is what makes adaLN XL/2 600M (not 601M) in Table 4.
@@ -19,19 +19,23 @@ alone give 5.5652, so no LayerNorm convention reaches 5.56); XL/2 at 512x512 giv
                             [--compare-paper]
 """
 
-import argparse
-import csv
 import functools
 import json
 import sys
 import warnings
 from math import prod
-from pathlib import Path
 
-import numpy as np
 import torch
 
+from harness import cli
 from harness.autoencoder import SD_VAE_GEOMETRY
+from harness.compute import (  # noqa: F401 - re-exported: the accounting of the paper's units lives there
+    paper_table,
+    real_flops_per_image,
+    sampling_gflops_per_image,
+    train_compute_gflops,
+    train_flops,
+)
 from harness.models import (
     COND_TOKENS,
     CONDS,
@@ -44,8 +48,6 @@ from harness.models import (
     validate_arch,
 )
 
-# The paper's Table 4; its one home in the repository (a verbatim copy of the reference csv).
-PAPER_TABLE_PATH = Path(__file__).resolve().parent.parent / "analysis" / "reference" / "dit_table4.csv"
 # Pixel resolution / latent size of the SD VAE (256x256 images -> 4x32x32 latents): only used to match
 # a latent input_size to the paper's `resolution` column.
 LATENT_DOWNSAMPLE = SD_VAE_GEOMETRY[1]
@@ -182,60 +184,54 @@ def gflops_closed_form(model="XL", patch=2, cond="adaln_zero", *, input_size=32,
     return macs / 1e9
 
 
+def params_closed_form(model="XL", patch=2, cond="adaln_zero", *, input_size=32, in_channels=4,
+                       num_classes=1000, learn_sigma=True, depth=None, hidden_size=None, num_heads=None):
+    """Returns the trainable parameter count from the architecture's formula (pos_embed, fixed, excluded)."""
+    depth, d, _ = _resolve(model, patch, cond, input_size, depth, hidden_size, num_heads)
+    out_channels = in_channels * 2 if learn_sigma else in_channels
+    mlp = int(d * MLP_RATIO)
+    n = in_channels * patch * patch * d + d                 # patch embedding (a conv with bias)
+    n += FREQ_EMBED_DIM * d + d + d * d + d                  # timestep MLP
+    n += (num_classes + 1) * d                               # label table with the null label
+    block = 4 * d * d + 4 * d + 2 * d * mlp + mlp + d        # qkv + proj, MLP
+    block += {"adaln_zero": 6 * d * d + 6 * d,               # shift, scale, gate of both branches
+              "adaln": 4 * d * d + 4 * d,                    # shift, scale of both branches
+              "cross_attn": 4 * d + 4 * d * d + 4 * d,       # two affine LNs; q, kv, proj of the cross-attention
+              "in_context": 4 * d}[cond]                     # two affine LNs
+    n += depth * block
+    n += d * patch * patch * out_channels + patch * patch * out_channels  # final linear
+    n += 2 * d * d + 2 * d if cond in ("adaln", "adaln_zero") else 2 * d  # adaptive or affine final LN
+    return n
+
+
+COUNTERS = ("fvcore", "closed_form")
+
+
 def model_cost(model="XL", patch=2, cond="adaln_zero", *, input_size=32, in_channels=4, num_classes=1000,
-               learn_sigma=True, depth=None, hidden_size=None, num_heads=None):
-    """Returns dict(params=int, gflops=float, tokens=int): trainable params, paper-convention Gflops, T."""
-    params, macs = _count(model, patch, cond, input_size, in_channels, num_classes, learn_sigma, depth,
-                          hidden_size, num_heads)
-    return dict(params=params, gflops=macs / 1e9, tokens=(input_size // patch) ** 2)
+               learn_sigma=True, depth=None, hidden_size=None, num_heads=None, counter="fvcore"):
+    """Returns dict(params=int, gflops=float, tokens=int): trainable params, paper-convention Gflops, T.
 
-
-#################################################################################
-#                     Compute of training and sampling                          #
-#################################################################################
-
-def _check_nonnegative(**values):
-    for name, value in values.items():
-        if np.any(np.asarray(value) < 0):  # scalars, numpy arrays and pandas columns alike
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def real_flops_per_image(gflops):
-    """Returns the real FLOPs (2 per multiply-add) of one forward pass of one image."""
-    _check_nonnegative(gflops=gflops)
-    return 2 * gflops * 1e9
-
-
-def train_compute_gflops(gflops, global_batch, steps):
-    """Returns training compute in the paper's units (Gflops x batch x steps x 3; backward ~ 2x forward)."""
-    _check_nonnegative(gflops=gflops, global_batch=global_batch, steps=steps)
-    return gflops * global_batch * steps * 3
-
-
-def train_flops(gflops, global_batch, steps):
-    """Returns training compute in real FLOPs (2 x 3 x 1e9 x gflops x batch x steps), for utilisation."""
-    return 2 * 1e9 * train_compute_gflops(gflops, global_batch, steps)
-
-
-def sampling_gflops_per_image(gflops, sampling_steps, guidance=False):
-    """Returns the Gflops (paper convention) to sample one image; guidance doubles the batch."""
-    _check_nonnegative(gflops=gflops, sampling_steps=sampling_steps)
-    return gflops * sampling_steps * (2 if guidance else 1)
+    counter="fvcore" traces the model (the reference, seconds per new architecture); "closed_form" uses the
+    formulas above (microseconds; equal to fvcore to 1e-12 on every cell of the grid, checked by the tests),
+    which is what the sweep's plan uses so that planning a 48-cell grid is instant.
+    """
+    arch = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma,
+                depth=depth, hidden_size=hidden_size, num_heads=num_heads)
+    if counter == "closed_form":
+        params = params_closed_form(model, patch, cond, **arch)
+        gflops = gflops_closed_form(model, patch, cond, **arch)
+    elif counter == "fvcore":
+        params, macs = _count(model, patch, cond, input_size, in_channels, num_classes, learn_sigma, depth,
+                              hidden_size, num_heads)
+        gflops = macs / 1e9
+    else:
+        raise ValueError(f"counter={counter!r}; allowed: {', '.join(COUNTERS)}")
+    return dict(params=params, gflops=gflops, tokens=(input_size // patch) ** 2)
 
 
 #################################################################################
 #                         The paper's table and the CLI                         #
 #################################################################################
-
-def paper_table():
-    """Returns Table 4 of the paper as a list of dicts (gflops in Gflops, params_m in millions)."""
-    if not PAPER_TABLE_PATH.exists():
-        raise FileNotFoundError(f"{PAPER_TABLE_PATH} is missing: it is the repository's copy of Table 4")
-    types = dict(patch=int, resolution=int, gflops=float, params_m=int, train_steps_k=int,
-                 fid50k_no_guidance=float)
-    with open(PAPER_TABLE_PATH, newline="") as f:
-        return [{k: types.get(k, str)(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
 
 def _paper_lookup():
     """Returns {(model, patch, cond, input_size): (gflops, params_m)} from Table 4."""
@@ -287,9 +283,12 @@ def _format(records):
     return "\n".join(lines)
 
 
+@cli.guard
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Params and Gflops (multiply-adds, forward, one image) "
-                                                 "of every DiT model x patch x cond.")
+    """`python -m harness.flops`: the params and Gflops table; bad input is one line, exit 2."""
+    parser = cli.ArgumentParser(prog="python -m harness.flops",
+                                description="Params and Gflops (multiply-adds, forward, one image) "
+                                            "of every DiT model x patch x cond.")
     parser.add_argument("--model", nargs="+", choices=list(MODEL_SIZES), default=list(MODEL_SIZES))
     parser.add_argument("--patch", nargs="+", type=int, choices=PATCH_SIZES, default=list(PATCH_SIZES))
     parser.add_argument("--cond", nargs="+", choices=CONDS, default=list(CONDS))
@@ -298,9 +297,12 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print a JSON list of records")
     parser.add_argument("--compare-paper", action="store_true", help="add Table 4's numbers and differences")
     args = parser.parse_args(argv)
-    bad = [size for size in args.input_size if any(size % p for p in args.patch) or size < 1]
-    if bad:
-        parser.error(f"--input-size {bad} not divisible by every --patch {args.patch}")
+    not_positive = [size for size in args.input_size if size < 1]
+    if not_positive:
+        parser.error(f"argument --input-size: {not_positive} must be positive")
+    indivisible = [size for size in args.input_size if any(size % p for p in args.patch)]
+    if indivisible:
+        parser.error(f"argument --input-size: {indivisible} not divisible by every --patch {args.patch}")
     records = cost_table(args.model, args.patch, args.cond, args.input_size, args.compare_paper)
     print(json.dumps(records, indent=1) if args.json else _format(records))
     return 0

@@ -27,12 +27,15 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from harness.results import (  # noqa: E402
+    METRIC_NAMES,
     PAPER_EXTRACTOR,
-    _atomic_write,
     comparable,
     comparison_step,
     paper_results,
+    variant,
+    variants,
 )
+from harness.runfolder import atomic_open  # noqa: E402
 from harness.scaling import EXPONENT_BOUNDS, ScalingLaw, gflops_correlation, select_points  # noqa: E402
 
 SIZES = ("S", "B", "L", "XL")
@@ -74,6 +77,18 @@ MAIN_WIDTH, LEGEND_WIDTH, PANEL_WIDTH, FIG_HEIGHT = 5.6, 2.8, 3.6, 4.6
 
 def _name(model, patch) -> str:
     return f"{model}/{int(patch)}"
+
+
+def with_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """Returns `df` with each cell's training variant (objective, parametrization; results.variant) added to
+    its model name when the table holds more than one, e.g. 'demo-S flow': every figure then draws, colours
+    and names the variants apart (their legends say which is which) without a figure knowing of them."""
+    if len(variants(df)) < 2:
+        return df
+    out = df.copy()
+    tags = [variant(o, p) for o, p in zip(out["objective"], out["parametrization"])]
+    out["model"] = [f"{m} {t}".strip() for m, t in zip(out["model"], tags)]
+    return out
 
 
 def _paper(cond: str | None = "adaln_zero", step: int | None = 400_000) -> pd.DataFrame:
@@ -271,6 +286,7 @@ def fig2_bubbles(
     allow_mixed: bool = False,
 ):
     """Returns Fig 2 (left): metric at one step for each model against Gflops, bubble area = Gflops."""
+    df = with_variants(df)
     rows, label, step = select_points(df, "gflops", metric, step, allow_mixed)
     colors = size_colors(df)
     shared = paper and paper_comparable(rows, metric)
@@ -329,6 +345,7 @@ def fig5_conditioning(
     allow_mixed: bool = False,
 ):
     """Returns Fig 5: metric over training steps for each conditioning variant of one model (default XL/2)."""
+    df = with_variants(df)
     rows, label = comparable(df, metric, allow_mixed=allow_mixed)
     if model is None or patch is None:
         # The model with the most conditioning variants; the largest such one, as in the paper (XL/2).
@@ -378,6 +395,7 @@ def fig6_training(
 
     Only the sweep's own sizes and patches get a panel.
     """
+    df = with_variants(df)
     rows, label = comparable(df, metric, allow_mixed=allow_mixed)
     rows = rows[rows["cond"] == cond]
     if rows.empty:
@@ -445,6 +463,7 @@ def fig8_gflops(
     `law` is drawn unless its bootstrap leaves it undetermined (`law_problem`); then `fallback` (e.g. the
     power law when `law` is the floor law) is drawn instead, and the legend says so.
     """
+    df = with_variants(df)
     rows, label, step = select_points(df, "gflops", metric, step, allow_mixed)
     corr = gflops_correlation(df, metric, step, allow_mixed)["pearson_log10_gflops"] if len(rows) >= 3 else np.nan
     colors = size_colors(df)
@@ -485,6 +504,7 @@ def fig9_compute(
     A line's colour is its size, its style and marker its patch (the paper's Fig 9); `law` and `fallback`
     as in `fig8_gflops`.
     """
+    df = with_variants(df)
     rows, label = comparable(df, metric, allow_mixed=allow_mixed)
     rows = rows[rows["cond"] == cond]
     if rows.empty:
@@ -524,8 +544,92 @@ def fig9_compute(
     return fig
 
 
+# Fig 12 of the paper: every metric its evaluator reports, against training compute, one line per model.
+FIG12_METRICS = ("fid", "sfid", "isc_mean", "precision", "recall")
+FIG12_LOWER_IS_BETTER = {"fid": True, "sfid": True, "isc_mean": False, "precision": False, "recall": False}
+
+
+def cli_line(e: Exception, limit: int = 160) -> str:
+    """Returns an error's message as one short line, for a figure panel."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fig12_metrics(
+    df: pd.DataFrame,
+    metrics=FIG12_METRICS,
+    cond: str = "adaln_zero",
+    paper: bool = True,
+    allow_mixed: bool = False,
+):
+    """Returns Fig 12: FID, sFID, Inception Score, precision and recall against training compute, a panel per
+    metric and a line per model (colour: size, style: patch, as in Fig 9).
+
+    A metric the sweep did not measure gets a panel that says so (never zeros); the paper's values are drawn
+    only where the repository's copy of Table 4 has them (FID-50K at 400K) and the units agree.
+    """
+    df = with_variants(df)
+    base = df[df["cond"] == cond]
+    if base.empty:
+        raise ValueError(f"no cell with cond={cond!r}; conds present: {sorted(df['cond'].unique())}")
+    colors = size_colors(df)
+    n_cols = 3  # two rows of three: five metrics and the legend
+    fig, grid = plt.subplots(2, n_cols, figsize=(3.6 * n_cols, 2 * FIG_HEIGHT - 1.0), layout="constrained")
+    axes = list(grid.ravel())
+    drawn = []
+    for ax, metric in zip(axes, metrics):
+        title = METRIC_NAMES.get(metric, metric)
+        measured = metric in base and base[metric].notna().any()
+        try:
+            rows, label = comparable(base, metric, allow_mixed=allow_mixed) if measured else (None, None)
+            why = "not measured in this sweep"
+        except ValueError as e:  # measured, but with settings that must not share one axis
+            rows, why = None, cli_line(e)
+        if rows is None:
+            ax.text(0.5, 0.5, f"{title}:\n{why}", ha="center", va="center", transform=ax.transAxes, fontsize=8,
+                    wrap=True, gid="absent")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=10)
+            continue
+        drawn.append(metric)
+        for size in size_order(rows):
+            for patch in patch_order(rows):
+                r = rows[(rows["model"] == size) & (rows["patch"] == patch)]
+                if r.empty:
+                    continue
+                r = r.groupby("train_compute_gflops")[metric].mean()
+                style, marker = _patch_style(patch)
+                ax.plot(r.index, r.to_numpy(), style, marker=marker, ms=3, color=colors[size],
+                        label=f"DiT-{_name(size, patch)}", gid="sweep")
+        values = [rows[metric]]
+        if paper and metric == "fid" and paper_comparable(rows, metric):
+            p = _paper(cond)
+            _paper_stars(ax, p, "train_compute_gflops", colors)
+            values.append(p["fid"])
+        log_y = FIG12_LOWER_IS_BETTER.get(metric, True)
+        _finish(ax, "training compute (Gflops, log)", label, logy=log_y)
+        _set_ylim(ax, values, log=log_y)
+        ax.set_title(f"{title} ({'lower' if log_y else 'higher'} is better)", fontsize=10)
+    for ax in axes[len(metrics):]:
+        ax.axis("off")
+    if not drawn:
+        plt.close(fig)
+        raise ValueError(f"none of {list(metrics)} was measured in this sweep")
+    handles, labels = next(a for a, m in zip(axes, metrics) if m in drawn).get_legend_handles_labels()
+    legend_ax = axes[-1] if len(metrics) < len(axes) else None
+    if legend_ax is not None:
+        legend_ax.legend(handles, labels, loc="center", fontsize=8, ncol=2 if len(labels) > 8 else 1)
+    else:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.suptitle(f"Fig 12: the evaluator's metrics against training compute ({COND_NAMES.get(cond, cond)}); "
+                 "the repository's Table 4 has the paper's FID only", fontsize=10)
+    return fig
+
+
 def table4(df: pd.DataFrame, metric: str = "fid", step: int | None = None, allow_mixed: bool = False) -> pd.DataFrame:
     """Returns Table 4: per model and conditioning: Gflops, params (M), ours at one step, paper FID-50K."""
+    df = with_variants(df)
     rows, label = comparable(df, metric, allow_mixed=allow_mixed)
     step = comparison_step(rows, metric) if step is None else int(step)
     rows = rows[rows["step"] == step]
@@ -554,7 +658,8 @@ def save_figure(fig, out_dir: str | os.PathLike, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = Path(out_dir) / f"{name}.{ext}"
-        _atomic_write(path, lambda f, ext=ext: fig.savefig(f, format=ext, dpi=150))
+        with atomic_open(path) as f:
+            fig.savefig(f, format=ext, dpi=150)
         paths.append(path)
     plt.close(fig)
     return paths

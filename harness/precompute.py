@@ -11,7 +11,6 @@ checksums in it match the files; finished shards are skipped, anything else is e
 meta.json is written last, by whichever process sees every shard finished.
 """
 
-import argparse
 import json
 import math
 import os
@@ -21,10 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from harness import cli
 from harness.autoencoder import VAECodec, encoder_id
 from harness.data import META_FILE, MOMENTS_LAYOUT, SHARD_FORMAT, ImageFolderDataset, shard_names
 from harness.distributed import launch_env
-from harness.runfolder import atomic_open, file_sha256
+from harness.runfolder import atomic_open, atomic_write_bytes, file_sha256
 
 STORE_DTYPES = ("float32", "float16")
 # Test hook: after this many shards are written, stop inside the next one and wait to be killed, so a test
@@ -32,13 +32,13 @@ STORE_DTYPES = ("float32", "float16")
 PAUSE_ENV = "HARNESS_PRECOMPUTE_PAUSE_AFTER_SHARDS"
 
 
-def _atomic_write(path: str, write) -> None:
-    with atomic_open(path) as f:
-        write(f)
-
-
 def _write_json(path: str, obj: dict) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with atomic_open(path) as f:
+        np.save(f, array)
 
 
 def _finished(out: str, k: int, settings: dict) -> dict | None:
@@ -116,8 +116,8 @@ def precompute(src: str, out: str, resolution: int, vae: str, shard_size: int = 
         moments, labels = _encode_shard(codec, ds, start, start + count(k), batch_size, num_workers,
                                         store_dtype, pbar, pause=written == pause_after)
         moments_name, labels_name, marker_name = shard_names(k)
-        _atomic_write(os.path.join(out, moments_name), lambda f, a=moments: np.save(f, a))
-        _atomic_write(os.path.join(out, labels_name), lambda f, a=labels: np.save(f, a))
+        _save_npy(os.path.join(out, moments_name), moments)
+        _save_npy(os.path.join(out, labels_name), labels)
         # The marker goes last: it is what makes the shard count as finished.
         _write_json(os.path.join(out, marker_name), dict(
             settings=settings, shard=k, start=start, count=len(labels),
@@ -142,8 +142,10 @@ def precompute(src: str, out: str, resolution: int, vae: str, shard_size: int = 
     return meta
 
 
+@cli.guard
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """`python -m harness.precompute --src IMAGES --out SHARDS`: bad input is one line, exit 2."""
+    p = cli.ArgumentParser(prog="python -m harness.precompute", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="image folder: SRC/<class>/<image>")
     p.add_argument("--out", required=True, help="shard folder (created; resumable)")
     p.add_argument("--resolution", type=int, default=256, help="pixels; ADM centre crop")
@@ -155,6 +157,14 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=STORE_DTYPES, help="float16 halves disk")
     p.add_argument("--num-workers", type=int, default=4, help="image decoding processes")
     args = p.parse_args(argv)
+    for flag, value, least in (("--resolution", args.resolution, 1), ("--shard-size", args.shard_size, 1),
+                               ("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0)):
+        if value < least:
+            p.error(f"argument {flag}: {value}; allowed: an integer >= {least}")
+    if not os.path.isdir(args.src):
+        p.error(f"argument --src: {args.src} is not a folder; allowed: an image folder SRC/<class>/<image>")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"argument --out: {args.out} is a file; allowed: a folder (created when missing)")
     meta = precompute(args.src, args.out, args.resolution, args.vae, shard_size=args.shard_size,
                       batch_size=args.batch_size, device=args.device, store_dtype=args.dtype,
                       num_workers=args.num_workers)

@@ -9,7 +9,6 @@ their state; a cell with no evaluation yet gives one row with `evaluated=False` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -20,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.flops import paper_table, train_compute_gflops, train_flops
-from harness.runfolder import atomic_open
+from harness import cli
+from harness.compute import paper_table, train_compute_gflops, train_flops
+from harness.runfolder import atomic_open, read_jsonl, read_status
 
 SWEEP_MARKER = "sweep.json"
 CELL_FILE = "cell.json"
@@ -58,6 +58,7 @@ EVAL_SETTINGS = (
     "cfg_channels",
     "weights",
     "label_sampling",
+    "guided",
     "settings_hash",
 )
 CELL_COLUMNS = (
@@ -74,8 +75,14 @@ CELL_COLUMNS = (
     "global_batch",
     "steps",
     "off_paper",
+    "objective",
+    "parametrization",
+    "mup_base_width",
+    "lr",
     "config_hash",
 )
+# What cells made before a fact existed did: cell.json of an older harness lacks these keys.
+CELL_DEFAULTS = {"objective": "ddpm", "parametrization": "sp"}
 COLUMNS = (
     "sweep",
     "cell_id",
@@ -111,19 +118,12 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    """Returns the records of an append-only JSON-lines log; a torn last line (a killed writer) is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # important: a job killed mid-write leaves half a line; the rest of the log is good
-    return records
+    """Returns the records of the current training run of an append-only JSON-lines log: a torn last line
+    (a killed writer) is skipped, and so is everything before the last `restart` event (a run started over
+    after its checkpoints were lost: the results read only the new run)."""
+    records = read_jsonl(path)
+    starts = [i for i, r in enumerate(records) if r.get("event") == "restart"]
+    return records[starts[-1] + 1:] if starts else records
 
 
 def is_sweep_dir(path: str | os.PathLike) -> bool:
@@ -161,7 +161,7 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
     """Returns the table rows of one run folder: one per evaluation, or one `evaluated=False` row if none."""
     run_dir = Path(run_dir)
     cell = _read_json(run_dir / CELL_FILE)
-    status = _read_json(run_dir / "status.json") if (run_dir / "status.json").exists() else {}
+    status = read_status(run_dir)  # a torn status.json reads as rebuilt from the run folder
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     base = {
         "sweep": sweep if sweep is not None else run_dir.parent.name,
@@ -169,7 +169,7 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
         "run_dir": str(run_dir),
     }
     for k in CELL_COLUMNS:
-        base[k] = cell.get(k)
+        base[k] = cell.get(k, CELL_DEFAULTS.get(k))
     base["state"] = status.get("state", "pending")
     base["reason"] = status.get("reason")
     base["wall_s"] = status.get("wall_s", np.nan)
@@ -180,7 +180,10 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
     if eval_dir.is_dir():
         for p in eval_dir.iterdir():
             if EVAL_FILE_RE.match(p.name):
-                evals.append(_read_json(p))
+                try:
+                    evals.append(_read_json(p))
+                except ValueError as e:  # a torn record: the next evaluation writes it again
+                    warnings.warn(f"skipping evaluation record {p}: {e}", stacklevel=2)
     rows = []
     for ev in sorted(evals, key=lambda e: e["step"]):
         row = dict(base, evaluated=True, step=int(ev["step"]))
@@ -189,6 +192,8 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
             row[k] = v
         for k in EVAL_SETTINGS:
             row[k] = ev.get(k)
+        if row.get("guided") is None:  # records older than the field: guided exactly when cfg_scale > 1
+            row["guided"] = bool((ev.get("cfg_scale") or 1.0) > 1.0)
         row["eval_wall_s"] = ev.get("wall_s", np.nan)
         row["eval_gpu_hours"] = ev.get("gpu_hours", np.nan)
         rows.append(row)
@@ -224,7 +229,10 @@ def load_results(sweep_dirs: str | os.PathLike | list) -> pd.DataFrame:
         sweep_dir = Path(sweep_dir)
         name = sweep_dir.name
         if (sweep_dir / SWEEP_MARKER).exists():
-            name = _read_json(sweep_dir / SWEEP_MARKER).get("name", name)
+            try:
+                name = _read_json(sweep_dir / SWEEP_MARKER).get("name", name)
+            except ValueError as e:  # torn: the folder's name serves; the next launch rewrites it
+                warnings.warn(f"{e}; naming the sweep {name!r} after its folder", stacklevel=2)
         for run_dir in run_dirs(sweep_dir):
             try:
                 rows.extend(load_run(run_dir, sweep=name))
@@ -263,8 +271,23 @@ def metric_label(metric: str, num_samples: float | None = None, extractor: str |
     return name
 
 
+def variant(objective: str | None, parametrization: str | None) -> str:
+    """Returns how a cell's training differs from the paper's: '' for the paper's (ddpm, sp), else e.g.
+    'flow', 'mup', 'flow mup'."""
+    parts = [v for v, paper in ((objective, "ddpm"), (parametrization, "sp")) if v not in (None, paper)
+             and not pd.isna(v)]
+    return " ".join(str(p) for p in parts)
+
+
+def variants(df: pd.DataFrame) -> list[str]:
+    """Returns the training variants (objective and parametrization, see `variant`) present in `df`."""
+    cols = [df.get(c, pd.Series([None] * len(df), index=df.index)) for c in ("objective", "parametrization")]
+    return sorted({variant(o, p) for o, p in zip(*cols)})
+
+
 def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False) -> tuple[pd.DataFrame, str]:
-    """Returns (rows with `metric`, axis label); ValueError when they mix sample counts or extractors."""
+    """Returns (rows with `metric`, axis label); ValueError when they mix sample counts, extractors, guided and
+    unguided samples, or (for the validation loss, whose scale is the objective's own) objectives."""
     if metric not in df.columns:
         raise ValueError(
             f"metric {metric!r} is not in the results table; columns with metrics: "
@@ -276,8 +299,20 @@ def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False)
         raise ValueError(
             f"no cell has an evaluation with {metric!r} (cells by state: {states}); run the evaluation first"
         )
-    if metric not in METRICS:  # losses have no sample count or extractor
+    if metric not in METRICS:  # losses have no sample count or extractor, but each objective its own scale
+        objectives = sorted(rows.get("objective", pd.Series(dtype=object)).dropna().unique().tolist())
+        if len(objectives) > 1 and not allow_mixed:
+            raise ValueError(f"refusing to compare {METRIC_NAMES.get(metric, metric)} across objectives {objectives}: "
+                             "each objective's loss has its own scale. Select one, e.g. "
+                             f"df[df.objective == {objectives[0]!r}], or pass allow_mixed=True")
         return rows, metric_label(metric)
+    guided = sorted(set(rows["guided"].dropna().astype(bool))) if "guided" in rows else []
+    if len(guided) > 1 and not allow_mixed:
+        scales = sorted(rows["cfg_scale"].dropna().unique().tolist())
+        raise ValueError(f"refusing to mix guided and unguided {METRIC_NAMES.get(metric, metric)} values (cfg scales "
+                         f"{scales}): guidance lowers FID by a factor of several. Select one, e.g. "
+                         "df[~df.guided] (the grid's protocol) or df[df.preset == 'fid50k_cfg'], or pass "
+                         "allow_mixed=True")
     counts = sorted(rows["num_samples"].dropna().unique().tolist())
     extractors = sorted(rows["extractor"].dropna().unique().tolist())
     hashes = rows["settings_hash"].dropna().unique().tolist() if "settings_hash" in rows else []
@@ -294,9 +329,13 @@ def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False)
             f"extractor is another metric). Select one setting, e.g. df[df.num_samples == {int(counts[-1])}],"
             f" or pass allow_mixed=True"
         )
-    if mixed:
+    if mixed or len(guided) > 1:
         return rows, f"{METRIC_NAMES.get(metric, metric)} (mixed settings)"
-    return rows, metric_label(metric, counts[0] if counts else None, extractors[0] if extractors else None)
+    label = metric_label(metric, counts[0] if counts else None, extractors[0] if extractors else None)
+    if guided == [True]:
+        scales = sorted(rows["cfg_scale"].dropna().unique().tolist())
+        label += f", cfg {'/'.join(f'{s:g}' for s in scales)}"
+    return rows, label
 
 
 def comparison_step(df: pd.DataFrame, metric: str = "fid") -> int:
@@ -309,21 +348,16 @@ def comparison_step(df: pd.DataFrame, metric: str = "fid") -> int:
     return int(counts[counts >= counts.max() / 2].index.max())
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Writes through `write(binary_file)`, atomically (runfolder.atomic_open)."""
-    with atomic_open(path) as f:
-        write(f)
-
-
 def save_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Writes `df` atomically as CSV or Parquet (by suffix) and returns the path."""
     path = Path(path)
-    if path.suffix == ".csv":
-        _atomic_write(path, lambda f: df.to_csv(f, index=False))
-    elif path.suffix == ".parquet":
-        _atomic_write(path, lambda f: df.to_parquet(f, index=False))
-    else:
+    if path.suffix not in (".csv", ".parquet"):
         raise ValueError(f"unknown table format {path.suffix!r} for {path}; allowed: '.csv', '.parquet'")
+    with atomic_open(path) as f:
+        if path.suffix == ".csv":
+            df.to_csv(f, index=False)
+        else:
+            df.to_parquet(f, index=False)
     return path
 
 
@@ -386,18 +420,30 @@ def paper_results() -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+@cli.guard
 def main(argv: list[str] | None = None) -> int:
-    """CLI: load sweep folders, print a summary, optionally save the table."""
-    ap = argparse.ArgumentParser(prog="python -m harness.results", description=__doc__.splitlines()[0])
+    """CLI: load sweep folders, print a summary, optionally save the table; bad input is one line, exit 2."""
+    ap = cli.ArgumentParser(prog="python -m harness.results", description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dirs", nargs="+", help="sweep folders (sweep.json and/or run folders)")
     ap.add_argument("--csv", help="write the table as CSV here")
     ap.add_argument("--parquet", help="write the table as Parquet here")
     args = ap.parse_args(argv)
+    for flag, path in (("--csv", args.csv), ("--parquet", args.parquet)):  # checked before any work is shown
+        if path is None:
+            continue
+        if Path(path).suffix != f".{flag[2:]}":
+            ap.error(f"argument {flag}: {path} must end in .{flag[2:]}")
+        if not Path(path).resolve().parent.is_dir():
+            ap.error(f"argument {flag}: {path}: the folder {Path(path).resolve().parent} does not exist")
+        if Path(path).is_dir():
+            ap.error(f"argument {flag}: {path} is a folder, not a file")
     try:
         df = load_results(args.sweep_dirs)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if cli.debug():
+            raise
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
+        return cli.BAD_INPUT_EXIT  # returned, not raised: callers in Python read the exit code
     n_cells = df["cell_id"].nunique()
     states = df.drop_duplicates("cell_id")["state"].value_counts().to_dict()
     print(f"{len(df)} rows, {n_cells} cells, states {states}, {int(df['evaluated'].sum())} evaluations")

@@ -19,10 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
 
-from harness import distributed
-from harness.config import LABEL_SAMPLINGS, SAMPLERS
-from harness.metrics import to_uint8_rgb
+from harness import cli, distributed, models
+from harness.autoencoder import VAECodec, vae_geometry
+from harness.cell import load_cell_model, load_run_config, sampler_problems
+from harness.checkpoint import checkpoint_source
+from harness.config import DDPM_SAMPLERS, LABEL_SAMPLINGS, SAMPLERS, EvalConfig
+from harness.data import to_uint8_rgb
+from harness.diffusion import create_diffusion, create_flow, guided_model_fn
 from harness.runfolder import atomic_open, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -41,10 +48,14 @@ def sample_seed(seed: int, index: int) -> int:
     return seed * SAMPLE_SEED_STRIDE + index
 
 
-def check_settings(ecfg: Any) -> None:
-    """Raise ValueError naming the bad value and the allowed ones when a sampling setting is unusable."""
+def check_settings(ecfg: Any, objective: str = "ddpm") -> None:
+    """Raise ValueError naming the bad value and the allowed ones when a sampling setting is unusable for a
+    model trained with `objective`."""
     if ecfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler {ecfg.sampler!r} is not one of {list(SAMPLERS)}")
+    problems = sampler_problems(objective, ecfg.sampler, ecfg.sampling_steps)
+    if problems:
+        raise ValueError(problems[0])
     if ecfg.label_sampling not in LABEL_SAMPLINGS:
         raise ValueError(f"label sampling {ecfg.label_sampling!r} is not one of {list(LABEL_SAMPLINGS)}")
     for key in ("num_samples", "batch_size", "shard_size"):
@@ -70,26 +81,41 @@ def model_fn_for(model, cfg_scale: float, cfg_channels: int | None):
     """The function the sampler calls: plain, or classifier-free guided in one doubled batch."""
     if cfg_scale == 1.0:
         return lambda x, t, y: model(x, t, y)
-    from harness.diffusion import guided_model_fn
-
     return guided_model_fn(model, cfg_scale, cfg_channels, model.null_label)
+
+
+def sampling_loop(ecfg: Any, objective: str, device: torch.device):
+    """Returns loop(model_fn, shape, model_kwargs, generators) -> latents of the configured sampler: the
+    respaced DDPM / DDIM loops of the paper's diffusion, or a flow's ODE (Euler, Heun) / SDE sampler."""
+    check_settings(ecfg, objective)
+    if objective == "flow":
+        flow = create_flow()
+
+        def flow_loop(fn, shape, model_kwargs, generators):
+            return flow.sample_loop(fn, shape, sampler=ecfg.sampler, num_steps=int(ecfg.sampling_steps),
+                                    model_kwargs=model_kwargs, device=device, generators=generators)
+
+        return flow_loop
+    diffusion = create_diffusion(str(ecfg.sampling_steps)).to(device)
+    loop = diffusion.p_sample_loop if ecfg.sampler == "ddpm" else diffusion.ddim_sample_loop
+
+    def ddpm_loop(fn, shape, model_kwargs, generators):
+        return loop(fn, shape, model_kwargs=model_kwargs, device=device, generators=generators)
+
+    return ddpm_loop
 
 
 @torch.no_grad()
 def generate(model, codec, ecfg: Any, indices: torch.Tensor, shape: tuple[int, int, int],
-             num_classes: int, device: torch.device, autocast=None) -> np.ndarray:
-    """uint8 images (len(indices), H, W, 3) for these sample indices."""
-    from harness.diffusion import create_diffusion
-
-    check_settings(ecfg)
-    diffusion = create_diffusion(str(ecfg.sampling_steps)).to(device)
+             num_classes: int, device: torch.device, autocast=None, objective: str = "ddpm") -> np.ndarray:
+    """Returns uint8 images (len(indices), H, W, 3) for these sample indices."""
+    loop = sampling_loop(ecfg, objective, device)
     gens = [torch.Generator().manual_seed(sample_seed(ecfg.seed, int(i))) for i in indices]
     y = sample_labels(indices, num_classes, ecfg.label_sampling, ecfg.seed).to(device)
     fn = model_fn_for(model, ecfg.cfg_scale, ecfg.cfg_channels)
-    loop = diffusion.p_sample_loop if ecfg.sampler == "ddpm" else diffusion.ddim_sample_loop
     ctx = autocast if autocast is not None else torch.autocast(device.type, enabled=False)
     with ctx:
-        z = loop(fn, (len(indices), *shape), model_kwargs={"y": y}, device=device, generators=gens)
+        z = loop(fn, (len(indices), *shape), {"y": y}, gens)
         x = codec.decode(z.float())
     return to_uint8_rgb(x.cpu())
 
@@ -142,16 +168,15 @@ def _claim_folder(out_dir: Path, settings: dict) -> None:
 
 
 def sample_to_npz(model, codec, ecfg: Any, out_dir: str | Path, shape: tuple[int, int, int], num_classes: int,
-                  env: distributed.DistEnv, autocast=None, source: dict | None = None) -> Path:
+                  env: distributed.DistEnv, autocast=None, source: dict | None = None,
+                  objective: str = "ddpm") -> Path:
     """Write `out_dir/samples.npz` (arr_0: N x H x W x 3 uint8, labels) shard by shard; returns its path.
 
     Each process takes shards k = rank, rank + world, ...; finished shards are kept and skipped, so a killed
     run resumes where it stopped. `source` (e.g. the checkpoint path) is recorded with the settings in
     out_dir/sampling.json; a folder made with other settings or another source is refused.
     """
-    from tqdm.auto import tqdm
-
-    check_settings(ecfg)
+    check_settings(ecfg, objective)
     out_dir = Path(out_dir)
     final = out_dir / "samples.npz"
     if env.is_main:
@@ -172,7 +197,7 @@ def sample_to_npz(model, codec, ecfg: Any, out_dir: str | Path, shape: tuple[int
         parts = []
         for a in range(lo, hi, ecfg.batch_size):
             idx = torch.arange(a, min(a + ecfg.batch_size, hi))
-            parts.append(generate(model, codec, ecfg, idx, shape, num_classes, env.device, autocast))
+            parts.append(generate(model, codec, ecfg, idx, shape, num_classes, env.device, autocast, objective))
         arr = np.concatenate(parts)
         labels = sample_labels(torch.arange(lo, hi), num_classes, ecfg.label_sampling, ecfg.seed).numpy()
         _atomic_savez(_shard_path(out_dir, k), arr_0=arr, labels=labels, indices=np.arange(lo, hi))
@@ -201,8 +226,6 @@ def sample_to_npz(model, codec, ecfg: Any, out_dir: str | Path, shape: tuple[int
 
 def save_pngs(npz_path: str | Path, out_dir: str | Path, limit: int | None = None) -> int:
     """Write the first `limit` samples of an npz as out_dir/000000.png ...; return how many were written."""
-    from PIL import Image
-
     with np.load(npz_path) as f:
         arr = f["arr_0"]
     out_dir = Path(out_dir)
@@ -218,9 +241,6 @@ def load_released(path: str | Path, args: argparse.Namespace, device: torch.devi
 
     The latent geometry comes from the VAE (SD VAE: 4 channels, downsample 8; `tiny`: downsample 2).
     """
-    from harness import models
-    from harness.autoencoder import VAECodec, vae_geometry
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -244,14 +264,12 @@ def load_released(path: str | Path, args: argparse.Namespace, device: torch.devi
     return model.to(device).eval(), VAECodec(args.vae, device=device), (channels, latent, latent)
 
 
+@cli.guard
 def main(argv: list[str] | None = None) -> None:
-    from omegaconf import OmegaConf
-
-    from harness import models
-    from harness.config import EvalConfig
-
+    """`python -m harness.sample`: samples of a cell's checkpoint or of a released checkpoint, as an npz."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m harness.sample", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", help="a cell's run folder (its config.yaml decides the model)")
     p.add_argument("--step", type=int, help="checkpoint step of --run-dir")
     p.add_argument("--ckpt", help="a checkpoint file, e.g. the released DiT-XL-2-256x256.pt")
@@ -269,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=125)
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS))
+    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
+                   help=f"{list(DDPM_SAMPLERS)} for the paper's diffusion; euler, heun, sde for a flow cell")
     p.add_argument("--sampling-steps", default="250")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--cfg-channels", type=int, default=None,
@@ -280,33 +299,50 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--png", type=int, default=0, help="also write the first N samples as PNG files")
     p.add_argument("--out", help="output folder (default: <run-dir>/samples/step_N_manual, or "
                    "samples/<checkpoint name> for --ckpt)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = p.parse_args(argv)
     if bool(a.run_dir) == bool(a.ckpt) or (a.run_dir and a.step is None):
         p.error("give --run-dir and --step, or --ckpt")
+    at_least = {"--num-samples": 1, "--batch-size": 1, "--shard-size": 1, "--png": 0, "--seed": 0}
+    if a.ckpt:
+        at_least.update({"--image-size": 1, "--num-classes": 1, "--patch": 1})
+    for flag, least in at_least.items():
+        value = getattr(a, flag[2:].replace("-", "_"))
+        if value < least:
+            p.error(f"argument {flag}: {value}; allowed: an integer >= {least}")
+    if a.cfg_scale < 1.0:
+        p.error(f"argument --cfg-scale: {a.cfg_scale}; allowed: >= 1 (1 means no guidance)")
+    if a.cfg_channels is not None and a.cfg_channels < 1:
+        p.error(f"argument --cfg-channels: {a.cfg_channels}; allowed: a positive number of channels")
+    if a.step is not None and a.step < 0:
+        p.error(f"argument --step: {a.step}; allowed: a checkpoint step (>= 0)")
+    if a.out is not None and Path(a.out).exists() and not Path(a.out).is_dir():
+        p.error(f"argument --out: {a.out} is a file; allowed: a folder (created when missing)")
 
     ecfg = OmegaConf.structured(EvalConfig(
         num_samples=a.num_samples, batch_size=a.batch_size, shard_size=a.shard_size, sampler=a.sampler,
         sampling_steps=a.sampling_steps, cfg_scale=a.cfg_scale, cfg_channels=a.cfg_channels,
         label_sampling=a.label_sampling, weights=a.weights, seed=a.seed,
     ))
-    check_settings(ecfg)
-    env = distributed.init(a.device)
     if a.run_dir:
-        from harness.evaluate import checkpoint_source, load_cell_model, load_run_config
-
         run_dir = Path(a.run_dir)
         cfg = load_run_config(run_dir, [])
+        objective = cfg.objective.name
+        sampling_loop(ecfg, objective, torch.device("cpu"))  # every sampling setting checked before any loading
+        env = distributed.init(a.device)
         model, codec, shape = load_cell_model(cfg, run_dir, a.step, a.weights, env.device)
         num_classes = cfg.data.num_classes
-        source = checkpoint_source(run_dir, a.step)
+        source = checkpoint_source(run_dir / "checkpoints", a.step)
         out = Path(a.out or run_dir / "samples" / f"step_{a.step}_manual")
     else:
+        objective = "ddpm"  # the released checkpoints are the paper's
+        sampling_loop(ecfg, objective, torch.device("cpu"))
+        env = distributed.init(a.device)
         model, codec, shape = load_released(a.ckpt, a, env.device)
         num_classes = a.num_classes
         source = {"checkpoint": str(Path(a.ckpt).resolve())}
         out = Path(a.out or Path("samples") / Path(a.ckpt).stem)
-    path = sample_to_npz(model, codec, ecfg, out, shape, num_classes, env, source=source)
+    path = sample_to_npz(model, codec, ecfg, out, shape, num_classes, env, source=source, objective=objective)
     if env.is_main:
         if a.png:
             save_pngs(path, out / "png", a.png)

@@ -8,13 +8,15 @@
 `GridSweep` (Hydra's basic sweeper plus what a scaling study needs) composes every cell first and
 reports every bad value of the whole grid in one error, before a folder is created or a job submitted.
 It prints the plan (params, Gflops, training compute, estimated GPU-hours), skips cells that are
-finished already (so relaunching or extending a grid only runs what is missing), groups the rest by the
-resources their cost calls for, and launches them. A failed cell records its reason in its own
-status.json and never stops the others; the multirun then exits non-zero naming it.
+finished already (so relaunching or extending a grid only runs what is missing) and cells another process
+holds (another sweep, or a job still running), groups the rest by the resources their cost calls for,
+and launches them. A failed cell records its reason in its own status.json and never stops the others;
+the multirun then exits non-zero naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -22,42 +24,46 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import submitit
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from harness import config as hconfig
-from harness import distributed
-from harness.runfolder import atomic_write_json, read_json, read_status
+from harness import cli, distributed, lease, throughput
+from harness.cell import (
+    cell_facts,
+    cell_id,
+    hold,
+    identity,
+    load_run_config,
+    prepare_run_dir,
+    read_facts,
+    run_dir_for,
+    validate,
+)
+from harness.compute import train_compute_gflops
+from harness.config import CONF_DIR, compact_error, compose, eval_steps
+from harness.evaluate import evaluate_cell, evaluation_done
+from harness.runfolder import atomic_write_json, now_iso, read_json, read_status, update_status
+from harness.train import Preempted, train
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-# Training images/s of one GPU per paper-convention Gflop of the model, i.e. images/s x gflops.
-# Used only to estimate GPU-hours in the plan. Read from conf/throughput.yaml (plan_device's figure, written
-# by `python -m harness.bench train --record` on a GPU; docs/benchmarks.md); until a GPU has been
-# recorded, the fast-DiT A100 figure (107.5 images/s for XL/2 at 118.64 Gflops).
-FAST_DIT_A100_IMAGE_GFLOPS_PER_S = 107.5 * 118.64
+TIMEOUT_SLACK = 1.25  # a job's time limit is its estimated wall time plus 25%
+MIN_TIMEOUT_MIN = 60
 
 
-def _gpu_image_gflops_per_s() -> float:
-    from harness.bench import recorded_image_gflops_per_s
-
-    return recorded_image_gflops_per_s() or FAST_DIT_A100_IMAGE_GFLOPS_PER_S
-
-
-GPU_IMAGE_GFLOPS_PER_S = _gpu_image_gflops_per_s()
+def _fail(message: str, code: int = cli.BAD_INPUT_EXIT) -> None:
+    """Prints a grid problem without a traceback and exits non-zero (a message, not a crash)."""
+    cli.fail(message, code)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    """Print a grid problem without a traceback and exit non-zero (a message, not a crash)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-def estimate_gpu_hours(gflops: float, global_batch: int, steps: int) -> float:
-    """GPU-hours to train a cell at the benchmarked per-GPU throughput (a planning estimate)."""
-    images_per_s = GPU_IMAGE_GFLOPS_PER_S / max(gflops, 1e-12)
+def estimate_gpu_hours(gflops: float, global_batch: int, steps: int, rate: float | None = None) -> float:
+    """Returns the GPU-hours to train a cell at the recorded per-GPU throughput (a planning estimate)."""
+    images_per_s = (rate or throughput.gpu_image_gflops_per_s()) / max(gflops, 1e-12)
     return global_batch * steps / images_per_s / 3600.0
 
 
@@ -79,60 +85,69 @@ def cell_resources(cfg: Any, gpu_hours: float) -> dict:
     while gpus % nodes:  # the same number of GPUs on every node
         nodes += 1
     per_node = gpus // nodes
-    hours = gpu_hours / gpus * 1.25
-    timeout_min = int(min(r.timeout_min, max(60, math.ceil(hours * 60))))
+    hours = gpu_hours / gpus * TIMEOUT_SLACK
+    timeout_min = int(min(r.timeout_min, max(MIN_TIMEOUT_MIN, math.ceil(hours * 60))))
     return {"gpus_per_node": per_node, "nodes": nodes, "tasks_per_node": per_node, "timeout_min": timeout_min}
 
 
-def plan_row(cfg: Any) -> dict:
-    from harness import flops
-    from harness.train import cell_facts
-
+def plan_row(cfg: Any, rate: float) -> dict:
+    """Returns a cell's plan: its facts, training compute, estimated GPU-hours and resources."""
     facts = cell_facts(cfg)
-    train_gflops = flops.train_compute_gflops(facts["gflops"], cfg.train.global_batch, cfg.train.steps)
-    gpu_hours = estimate_gpu_hours(facts["gflops"], cfg.train.global_batch, cfg.train.steps)
+    train_gflops = train_compute_gflops(facts["gflops"], cfg.train.global_batch, cfg.train.steps)
+    gpu_hours = estimate_gpu_hours(facts["gflops"], cfg.train.global_batch, cfg.train.steps, rate)
     return {**facts, "train_compute_gflops": train_gflops, "est_gpu_hours": gpu_hours,
             "resources": cell_resources(cfg, gpu_hours)}
 
 
-def format_plan(rows: list[dict], skipped: set[str]) -> str:
-    head = f"{'cell':<52} {'params':>9} {'Gflops':>8} {'train Gflops':>12} {'GPU-h':>8} {'GPUs':>4}  state"
+def format_plan(rows: list[dict], states: dict[str, str], rate: float) -> str:
+    """Returns the plan as a table: one line per cell with its cost and what the sweep will do with it."""
+    head = (f"{'cell':<52} {'objective':>9} {'params':>9} {'Gflops':>8} {'train Gflops':>12} {'GPU-h':>8}"
+            f" {'GPUs':>4}  state")
     lines = [head, "-" * len(head)]
     for r in rows:
         res = r["resources"]
         lines.append(
-            f"{r['cell_id']:<52} {r['params'] / 1e6:>8.2f}M {r['gflops']:>8.3g} {r['train_compute_gflops']:>12.3e}"
-            f" {r['est_gpu_hours']:>8.2f} {res['gpus_per_node'] * res['nodes']:>4}"
-            f"  {'done, skipped' if r['cell_id'] in skipped else 'to run'}"
+            f"{r['cell_id']:<52} {r['objective']:>9} {r['params'] / 1e6:>8.2f}M {r['gflops']:>8.3g}"
+            f" {r['train_compute_gflops']:>12.3e} {r['est_gpu_hours']:>8.2f} {res['gpus_per_node'] * res['nodes']:>4}"
+            f"  {states.get(r['cell_id'], 'to run')}"
         )
+    skipped = [r for r in rows if r["cell_id"] in states]
     total = sum(r["est_gpu_hours"] for r in rows)
-    todo = sum(r["est_gpu_hours"] for r in rows if r["cell_id"] not in skipped)
+    todo = total - sum(r["est_gpu_hours"] for r in skipped)
     lines.append(f"{len(rows)} cells, {len(rows) - len(skipped)} to run; estimated GPU-hours: {total:.1f} in all, "
-                 f"{todo:.1f} still to run (at {GPU_IMAGE_GFLOPS_PER_S:.0f} image-Gflops/s per GPU)")
+                 f"{todo:.1f} still to run (at {rate:.0f} image-Gflops/s per GPU)")
     return "\n".join(lines)
 
 
 def cell_done(cfg: Any) -> bool:
     """True when the cell's training is finished and every configured evaluation has its record, made
-    with the current evaluation settings (another preset is work still to do)."""
-    from harness.evaluate import record_for
-    from harness.train import run_dir_for
-
+    with the current evaluation settings and holding every metric asked for (anything else is work to do)."""
     run_dir = run_dir_for(cfg)
     if read_status(run_dir).get("state") != "finished":  # "evaluating" is not done: its evals resume
         return False
     if cfg.stage == "train":
         return True
-    return all(record_for(cfg, run_dir, s)[1] is not None for s in hconfig.eval_steps(cfg))
+    return all(evaluation_done(cfg, run_dir, s) for s in eval_steps(cfg))
+
+
+def held_elsewhere(cfg: Any) -> str | None:
+    """Returns who holds the cell's run folder when a live process other than this one does, else None."""
+    info = lease.read_lease(run_dir_for(cfg))
+    if info is None or info.get("stale"):
+        return None
+    return lease.describe_lease(info)
 
 
 class GridSweep:
     """The grid sweeper's logic: validate the whole grid, print the plan, launch only what is missing."""
 
     def __init__(self, params: dict[str, str] | None = None):
+        # Imported here: Hydra's plugin scan executes its core plugin modules again, and the sweeper must be
+        # built from the classes Hydra holds after that scan (a top-level import breaks its super() calls).
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         self._basic = BasicSweeper(max_batch_size=None, params=params)
+        self._composed: dict[tuple, DictConfig] = {}  # config-group choices -> their composed config
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self._basic.setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -140,8 +155,6 @@ class GridSweep:
         self.launcher = self._basic.launcher
 
     def sweep(self, arguments: list[str]) -> Any:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         params_conf = self._basic._parse_config() if self._basic.params else []
         params_conf.extend(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -152,35 +165,40 @@ class GridSweep:
         for overrides in jobs:
             label = " ".join(overrides) or "(defaults)"
             try:
-                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+                cfg = self.compose_cell(overrides)
             except Exception as e:  # noqa: BLE001 - composition errors (unknown key/option, wrong type)
-                problems.append(f"[{label}] {_compact_error(e)}")
+                problems.append(f"[{label}] {compact_error(e)}")
                 continue
-            problems += [f"[{label}] {p}" for p in hconfig.validate(cfg)]
+            problems += [f"[{label}] {p}" for p in validate(cfg)]
             cfgs.append((overrides, cfg))
         if problems:
-            _fail(f"the grid has {len(problems)} problem(s); nothing was created or submitted:\n  - "
-                  + "\n  - ".join(problems))
+            _fail(_problem_list("the grid has", problems, "nothing was created or submitted"))
 
-        ids = [hconfig.cell_id(c) for _, c in cfgs]
+        ids = [cell_id(c) for _, c in cfgs]
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
             _fail(f"these cells appear more than once in the grid: {sorted(dupes)}")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        rows = [plan_row(c) for _, c in cfgs]
+        rate = throughput.gpu_image_gflops_per_s()
+        rows = [plan_row(c, rate) for _, c in cfgs]
         conflicts = _foreign_cells(sweep_dir, str(self.config.sweep_name), [(c, r) for (_, c), r in zip(cfgs, rows)])
         if conflicts:
-            _fail(f"{sweep_dir} already holds results that would mix with this grid's; nothing was created or "
-                  "submitted (use another sweep_name=... or out_dir=..., or move the old run folders away):\n  - "
-                  + "\n  - ".join(conflicts))
-        done = {hconfig.cell_id(c) for _, c in cfgs if cell_done(c)}
+            _fail(_problem_list(f"{sweep_dir} already holds results that would mix with this grid's:", conflicts,
+                                "nothing was created or submitted (use another sweep_name=... or out_dir=..., or "
+                                "move the old run folders away)"))
+        states = {}
+        for _, c in cfgs:
+            if cell_done(c):
+                states[cell_id(c)] = "done, skipped"
+            elif (holder := held_elsewhere(c)) is not None:
+                states[cell_id(c)] = f"held by {holder}; skipped"
         print(f"sweep folder: {sweep_dir.resolve()}", flush=True)
-        print(format_plan(rows, done), flush=True)
+        print(format_plan(rows, states, rate), flush=True)
         if self.config.plan:
             return []
 
         _record_sweep(sweep_dir, self.config, ids)
-        todo = [(o, c, r) for (o, c), r in zip(cfgs, rows) if r["cell_id"] not in done]
+        todo = [(o, c, r) for (o, c), r in zip(cfgs, rows) if r["cell_id"] not in states]
         if _is_submitit(self.launcher):
             outcomes = _launch_submitit(self.launcher, todo)
         else:  # one machine: Hydra's launcher runs the cells one after another; resources do not apply
@@ -189,24 +207,56 @@ class GridSweep:
 
         failed = [f"{r['cell_id']}: {value.get('reason')}" for (_, _, r), value in outcomes
                   if value.get("state") != "finished"]
-        if self.config.report:
-            _write_report(sweep_dir)
-        if failed:
-            _fail(f"{len(failed)} cell(s) failed (see their status.json):\n  - " + "\n  - ".join(failed), code=1)
-        print(f"sweep {sweep_dir}: {len(rows)} cells, {len(done)} already done, {len(todo)} run now", flush=True)
+        unwritten = _write_report(sweep_dir) if self.config.report else []
+        if failed:  # a run's outcome, not bad input: one line per failed cell, each with its reason
+            print(f"error: {len(failed)} cell(s) failed (see their status.json):\n  - " + "\n  - ".join(failed),
+                  file=sys.stderr, flush=True)
+            raise SystemExit(cli.FAILED_EXIT)
+        done = sum(1 for s in states.values() if s.startswith("done"))
+        held = len(states) - done
+        print(f"sweep {sweep_dir}: {len(rows)} cells, {done} already done, {len(todo)} run now"
+              + (f", {held} held by other processes (relaunch when they finish)" if held else ""), flush=True)
+        if unwritten:
+            print(f"not written in the report: {', '.join(unwritten)} (see report.md)", flush=True)
         return [value for _, value in outcomes]
 
 
+    def compose_cell(self, overrides: list[str]) -> DictConfig:
+        """Returns one cell's config, as Hydra composes it for the job (load_sweep_config), but composing the
+        config-group choices (model=, data=, ...) once per distinct set: a 48-cell grid has a handful, and each
+        composition costs ~0.1 s. The cell's plain values (patch=, cond=, train.lr=, ...) are then applied as
+        Hydra applies them after composing (tests compare the two on whole grids)."""
+        # Imported here: see __init__ (Hydra's plugin scan executes its internal modules again).
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+        loader = self.hydra_context.config_loader
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        groups = [o for o in parsed if loader.repository.group_exists(o.key_or_group)
+                  and not isinstance(o.value(), dict)]
+        values = [o for o in parsed if o not in groups]
+        key = tuple(o.input_line for o in groups)
+        if key not in self._composed:
+            self._composed[key] = loader.load_sweep_config(self.config, list(key))
+        cfg = copy.deepcopy(self._composed[key])
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        return cfg
+
+
+def _problem_list(head: str, problems: list[str], tail: str) -> str:
+    """Returns problems as one line when there is one, else a head line and one line per problem."""
+    if len(problems) == 1:
+        return f"{head} 1 problem; {tail}: {problems[0]}" if head.endswith("has") else f"{head} {problems[0]}; {tail}"
+    return f"{head} {len(problems)} problem(s); {tail}: " + "; ".join(problems)
+
+
 def _job_value(ret: JobReturn) -> dict:
-    """A cell's result dict from Hydra's JobReturn; a job that raised becomes a failure with its reason."""
+    """Returns a cell's result dict from Hydra's JobReturn; a job that raised becomes a failure with its reason."""
     if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, dict):
         return ret.return_value
     return {"state": "failed", "reason": _first_line(ret._return_value)}
 
 
 def _is_submitit(launcher) -> bool:
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-
     return isinstance(launcher, BaseSubmititLauncher)
 
 
@@ -218,13 +268,6 @@ def _launch_submitit(launcher, todo: list) -> list[tuple[Any, dict]]:
     (OOM, node failure, scancel) becomes a failed cell with its reason instead of an exception that stops
     the sweep from waiting for the others and leaves the dead cell marked running.
     """
-    import submitit
-    from hydra.core.singleton import Singleton
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-    from harness.runfolder import update_status
-    from harness.train import run_dir_for
-
     kind = launcher._EXECUTOR
     base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
     submitted, idx = [], 0
@@ -254,7 +297,7 @@ def _launch_submitit(launcher, todo: list) -> list[tuple[Any, dict]]:
         except Exception as e:  # noqa: BLE001 - the job died without a result
             value = {"state": "failed", "reason": f"job {job.job_id} ended without a result: {_first_line(e)}"}
             run_dir = run_dir_for(c)
-            if run_dir.exists() and read_status(run_dir).get("state") != "finished":
+            if run_dir.exists() and read_status(run_dir).get("state") != "finished" and held_elsewhere(c) is None:
                 update_status(run_dir, state="failed", reason=value["reason"])
         outcomes.append(((o, c, r), value))
     return outcomes
@@ -270,7 +313,8 @@ def _group_by_resources(todo: list) -> dict:
 
 def _coords(facts: dict) -> tuple:
     """Where a cell sits in a grid: two cells with the same coordinates must have the same config."""
-    return (facts["model"], facts["patch"], facts["cond"], facts["data"], facts["seed"])
+    return (facts.get("model"), facts.get("patch"), facts.get("cond"), facts.get("data"), facts.get("seed"),
+            facts.get("objective", "ddpm"), facts.get("parametrization", "sp"))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -286,19 +330,25 @@ def _foreign_cells(sweep_dir: Path, name: str, cells: list[tuple[Any, dict]]) ->
     An edited recipe gives every cell a new id (the config hash), so nothing would be overwritten; but the
     folder would then hold two versions of the same cell and the results table would mix them.
     """
-    meta = read_json(sweep_dir / "sweep.json")
+    try:
+        meta = read_json(sweep_dir / "sweep.json")
+    except ValueError:
+        meta = None  # a torn sweep.json is rewritten by this launch
     if meta is not None and meta.get("name") != name:
         return [f"it is the folder of sweep {meta.get('name')!r}, this grid is sweep_name={name!r}"]
     ids = {row["cell_id"] for _, row in cells}
     new = {_coords(row): c for c, row in cells}  # the plan rows already hold each cell's facts
     problems = []
     for facts_path in sorted(sweep_dir.glob("*/cell.json")):
-        old = read_json(facts_path)
-        c = new.get(_coords(old))
+        old = read_facts(facts_path.parent)
+        c = new.get(_coords(old)) if old else None
         if c is None or old["cell_id"] in ids:
             continue
-        old_cfg = OmegaConf.load(facts_path.parent / "config.yaml")
-        before, after = _flat(hconfig.identity(old_cfg)), _flat(hconfig.identity(c))
+        try:
+            before = _flat(identity(load_run_config(facts_path.parent, [])))
+        except (FileNotFoundError, ValueError):
+            before = {}
+        after = _flat(identity(c))
         diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
                 if before.get(k) != after.get(k)]
         problems.append(f"{old['cell_id']} is the same cell with another config ({'; '.join(diff) or 'hash'})")
@@ -308,51 +358,41 @@ def _foreign_cells(sweep_dir: Path, name: str, cells: list[tuple[Any, dict]]) ->
 def _record_sweep(sweep_dir: Path, config: DictConfig, ids: list[str]) -> None:
     """sweep.json marks a sweep folder and lists every cell ever launched into it."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    meta = read_json(sweep_dir / "sweep.json") or {"name": str(config.sweep_name), "created": None}
-    from harness.runfolder import now_iso
-
+    try:
+        meta = read_json(sweep_dir / "sweep.json") or {}
+    except ValueError:
+        meta = {}  # torn: rebuilt from this grid and the run folders present
+        ids = ids + [p.parent.name for p in sweep_dir.glob("*/cell.json")]
+    meta.setdefault("name", str(config.sweep_name))
     meta["created"] = meta.get("created") or now_iso()
     meta["grid"] = sorted(set(meta.get("grid", [])) | set(ids))
     meta["updated"] = now_iso()
     atomic_write_json(sweep_dir / "sweep.json", meta)
 
 
-def _write_report(sweep_dir: Path) -> None:
-    """The report, then the paths of its table and FID-vs-Gflops figure and the measured correlation."""
-    from harness.report import write_report
+def _write_report(sweep_dir: Path) -> list[str]:
+    """Writes the report, prints the paths of its table and FID-vs-Gflops figure and the measured
+    correlation; returns the names of what could not be written (never raises)."""
+    # Here, not at the top: the analysis stack (pandas, scipy, matplotlib) takes seconds to import, and the plan
+    # of a grid must be instant; it is needed only once the cells are done.
+    from harness.report import build_report
 
     try:
-        path = write_report([sweep_dir], sweep_dir / "report")
-        for name in ("results.csv", "fig8_gflops.png", "report.md"):
-            if (path.parent / name).exists():
-                print(f"{name:<16} {path.parent / name}", flush=True)
-        from harness.results import load_results
-        from harness.scaling import gflops_correlation
-
-        try:
-            c = gflops_correlation(load_results([sweep_dir]), cond=None)
-        except ValueError as e:  # fewer than 3 evaluated cells: nothing to correlate yet
-            print(f"no FID-Gflops correlation yet: {e}", flush=True)
-            return
-        print(f"{c['label']} vs Gflops at step {c['step']} over {c['n']} cells: Spearman {c['spearman']:.3f}, "
-              f"Pearson(FID, log10 Gflops) {c['pearson_log10_gflops']:.3f} (paper: -0.93)", flush=True)
+        report = build_report([sweep_dir], sweep_dir / "report")
     except Exception as e:  # noqa: BLE001 - a report problem must not hide the cells' results
         log.error("the report could not be written: %s", e)
-
-
-def _compact_error(e: Exception) -> str:
-    """Hydra's composition error in one line: what was wrong and, for a missing option, what is allowed."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    # Hydra keeps the reason of a bad override (wrong type, unknown key) in the chained OmegaConf error.
-    cause = [ln.strip() for ln in str(e.__cause__ or "").splitlines() if ln.strip()][:1]
-    lines += [ln for ln in cause if ln not in lines]
-    if not lines:
-        return type(e).__name__
-    if "Available options" in str(e):
-        i = next(k for k, ln in enumerate(lines) if ln.startswith("Available options"))
-        options = [ln for ln in lines[i + 1:] if not ln.startswith(("Config search path", "provider="))]
-        return f"{lines[0]}; allowed: {', '.join(options)}"
-    return " ".join(ln for ln in lines if not ln.startswith(("full_key", "object_type", "provider=")))[:400]
+        return ["the whole report"]
+    for name in ("results.csv", "fig8_gflops.png", "report.md"):
+        if (report.path.parent / name).exists():
+            print(f"{name:<16} {report.path.parent / name}", flush=True)
+    corr = report.correlation
+    if corr is None:
+        print("no FID-Gflops correlation yet (fewer than 3 evaluated cells)", flush=True)
+    else:
+        print(f"{corr['label']} vs Gflops at step {corr['step']} over {corr['n']} cells: Spearman "
+              f"{corr['spearman']:.3f}, Pearson(FID, log10 Gflops) {corr['pearson_log10_gflops']:.3f} (paper: -0.93)",
+              flush=True)
+    return report.not_written
 
 
 def _first_line(e: Any) -> str:
@@ -363,47 +403,88 @@ def _first_line(e: Any) -> str:
 # ---- the task: one cell ----
 
 def run_cell(cfg: DictConfig) -> dict:
-    """Train the cell (resuming), then evaluate its configured checkpoints; never raises for a cell failure."""
-    from harness.runfolder import update_status
-    from harness.train import Preempted, prepare_run_dir, run_dir_for, train
+    """Train the cell (resuming), then evaluate its configured checkpoints; never raises for a cell failure.
 
+    The cell's run folder is held for the whole task; when another process holds it (a sweep launched
+    twice, a job still running), the task waits for it (or cfg.lock_wait_s seconds) and then does only what
+    is left, so between them every cell is trained and evaluated once.
+    """
     run_dir = run_dir_for(cfg)
+    wait_s = cfg.lock_wait_s if cfg.lock_wait_s is not None else float("inf")
     try:
-        if cfg.stage in ("all", "train"):
-            result = train(cfg)
-        else:
-            result = {"run_dir": str(run_dir), "state": "finished"}
-        if cfg.stage in ("all", "eval"):
-            from harness.evaluate import evaluate_cell
-
-            main = distributed.is_main_process()
-            if main:
-                update_status(run_dir, state="evaluating")
-            result["evals"] = evaluate_cell(cfg)
-            if main:
-                update_status(run_dir, state="finished")
-        return result
+        env = distributed.init(cfg.device)
+        if env.is_main:
+            prepare_run_dir(cfg)
+        distributed.barrier()
+        with hold(run_dir, "sweep", env, wait_s):
+            if cell_done(cfg):  # done by whoever held the folder while this task waited for it
+                return {"run_dir": str(run_dir), "state": "finished", "note": "done by another process"}
+            try:
+                return _run_stages(cfg, run_dir, env)
+            except Preempted:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed cell records why and lets the others go on
+                log.exception("cell %s failed", run_dir.name)
+                reason = f"{type(e).__name__}: {_first_line(e)}"
+                if env.is_main:
+                    try:
+                        update_status(run_dir, state="failed", reason=reason)
+                    except OSError:
+                        log.exception("could not record the failure of %s", run_dir)
+                return {"run_dir": str(run_dir), "state": "failed", "reason": reason}
     except Preempted:
         raise  # submitit requeues the job; the next attempt resumes from the checkpoint
-    except Exception as e:  # noqa: BLE001 - a failed cell records why and lets the others go on
-        log.exception("cell %s failed", run_dir.name)
-        reason = f"{type(e).__name__}: {_first_line(e)}"
-        try:
-            if distributed.is_main_process():
-                if not run_dir.exists():
-                    prepare_run_dir(cfg)
-                update_status(run_dir, state="failed", reason=reason)
-        except Exception:  # noqa: BLE001
-            log.exception("could not record the failure of %s", run_dir)
-        return {"run_dir": str(run_dir), "state": "failed", "reason": reason}
+    except Exception as e:  # noqa: BLE001 - the folder could not be made or taken: nothing of it was touched
+        log.exception("cell %s could not start", run_dir.name)
+        return {"run_dir": str(run_dir), "state": "failed", "reason": f"{type(e).__name__}: {_first_line(e)}"}
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _trained(cfg: DictConfig, run_dir: Path) -> bool:
+    """True when the cell's training is over (finished, or killed while evaluating) at its last step."""
+    status = read_status(run_dir)
+    return status.get("state") in ("finished", "evaluating") and (status.get("step") or 0) >= cfg.train.steps
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, env) -> dict:
+    """Trains (stage all/train) and evaluates (stage all/eval) a cell whose folder this process holds; a cell
+    whose training is over only gets the evaluations it lacks (no new attempt is counted)."""
+    if cfg.stage in ("all", "train") and not _trained(cfg, run_dir):
+        result = train(cfg)
+    else:
+        result = {"run_dir": str(run_dir), "state": "finished"}
+    if cfg.stage in ("all", "eval"):
+        if env.is_main:
+            update_status(run_dir, state="evaluating")
+        result["evals"] = evaluate_cell(cfg)
+        if env.is_main:
+            update_status(run_dir, state="finished", reason=None)
+    return result
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     return run_cell(cfg)
+
+
+def preflight(argv: list[str]) -> None:
+    """Composes the un-swept overrides once, as Hydra will before the sweeper runs, so that a bad one is
+    said in one line (exit 2) instead of Hydra's multi-line error; swept values are checked by GridSweep."""
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as e:  # noqa: BLE001 - a malformed override
+        cli.fail(compact_error(e))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    try:
+        compose(fixed)
+    except cli.BadInput as e:
+        if cli.debug():
+            raise
+        cli.fail(e)
 
 
 if __name__ == "__main__":
     if "-m" not in sys.argv and "--multirun" not in sys.argv:
         sys.argv.insert(1, "--multirun")  # the sweep is always a multirun, even of one cell
+    preflight(sys.argv[1:])
     main()

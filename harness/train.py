@@ -1,13 +1,13 @@
 """Train one cell: `train(cfg) -> result`, resumable bit for bit after any kill.
 
-The paper's recipe is the default (DIT_FACTS.md, Training recipe): AdamW 1e-4, no weight decay, global
-batch 256, EMA 0.9999 from an exact copy, label dropout 0.1, t uniform over 0..999.
+The paper's recipe is the default (section 4): AdamW 1e-4, no weight decay, global batch 256, EMA 0.9999
+from an exact copy, label dropout 0.1, t uniform over 0..999 (or over [0, 1] for a flow objective).
 
 Determinism is what makes resume exact and the global batch the experimental variable: the data order
-is a permutation fixed by (seed, epoch), and the diffusion timesteps, noise and label dropout of step s
-are drawn for the whole global batch from a generator seeded by (seed, s). Each process takes its own
-slice. So the same cell gives the same parameters after a kill and resume, and (up to reduction order)
-whatever the number of processes.
+is a permutation fixed by (seed, epoch), and the timesteps, noise and label dropout of step s are drawn
+for the whole global batch from a generator seeded by (seed, s). Each process takes its own slice. So the
+same cell gives the same parameters after a kill and resume, and (up to reduction order) whatever the
+number of processes.
 
     python -m harness.train model=S patch=4 data=digits train=demo train.steps=200
 """
@@ -19,38 +19,61 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
-from harness import checkpoint, distributed
-from harness.config import cell_id, config_hash, eval_steps, validate
-from harness.runfolder import append_jsonl, atomic_write_json, read_json, read_status, update_status
+from harness import checkpoint, cli, distributed, lease, mup, runfolder
+from harness.cell import (
+    build_model,
+    build_objective,
+    cell_id,
+    config_hash,
+    fast_path,
+    hold,
+    prepare_run_dir,
+    run_dir_for,
+    validate,
+)
+from harness.config import compose, eval_steps
+from harness.data import build_codec, build_dataset, data_kind
+from harness.runfolder import append_jsonl, read_status, update_status
 
 log = logging.getLogger(__name__)
 
 VAL_SEED = 20_231_212  # the fixed validation batch draws from its own stream, identical for every cell
+VAL_CHUNK = 64  # validation samples per forward pass
+STEP_SEED_STRIDE = 1_000_003  # step s of seed k draws from generator seed k * STRIDE + s
+AUG_RANK_STRIDE = 104_729  # each rank augments its slice from its own stream
+EPOCH_SEED_STRIDE = 7_919  # the data order of epoch e of seed k is a permutation seeded by k * STRIDE + e
 
 
 class TrainingFailed(RuntimeError):
-    """A cell stopped for a reason recorded in its status.json (NaN loss, bad input found late)."""
+    """A cell stopped for a reason recorded in its status.json (non-finite loss, a failed write)."""
 
 
 class Preempted(RuntimeError):
     """The job was asked to stop (USR2 from SLURM/submitit); a checkpoint has been written."""
 
 
-# ---- the shape of a cell ----
+#################################################################################
+#                      The shape of a cell and its randomness                   #
+#################################################################################
+
 
 def batch_plan(global_batch: int, world_size: int, batch_per_gpu: int | None) -> tuple[int, int]:
-    """(micro-batch per process, gradient-accumulation steps) for a global batch; asserted exact."""
+    """Returns (micro-batch per process, gradient-accumulation steps) for a global batch; asserted exact."""
     if global_batch % world_size:
         raise ValueError(f"global batch {global_batch} is not divisible by the {world_size} processes")
     per_rank = global_batch // world_size
@@ -62,71 +85,29 @@ def batch_plan(global_batch: int, world_size: int, batch_per_gpu: int | None) ->
     return micro, accum
 
 
-def build_model(cfg: Any):
-    """The cell's DiT, sized from its config and its data set's model-input shape."""
-    from harness import data, models
+def step_seed(seed: int, step: int) -> int:
+    """Returns the generator seed of training step `step` of a cell seeded `seed`."""
+    return seed * STEP_SEED_STRIDE + step
 
-    in_channels, input_size = data.model_input_shape(cfg.data)
-    return models.build(
-        cfg.model.name, cfg.patch, cfg.cond,
-        input_size=input_size, in_channels=in_channels, num_classes=cfg.data.num_classes,
-        learn_sigma=True, class_dropout_prob=cfg.train.class_dropout_prob,
-        depth=cfg.model.depth, hidden_size=cfg.model.hidden_size, num_heads=cfg.model.num_heads,
-        grad_checkpoint=cfg.model.grad_checkpoint,
-    )
-
-
-def run_dir_for(cfg: Any) -> Path:
-    return Path(cfg.out_dir) / cell_id(cfg)
-
-
-def cell_facts(cfg: Any) -> dict:
-    """cell.json: what the analysis needs to place a cell, computed once."""
-    from harness import data, flops
-
-    in_channels, input_size = data.model_input_shape(cfg.data)
-    cost = flops.model_cost(
-        cfg.model.name, cfg.patch, cfg.cond, input_size=input_size, in_channels=in_channels,
-        num_classes=cfg.data.num_classes, depth=cfg.model.depth, hidden_size=cfg.model.hidden_size,
-        num_heads=cfg.model.num_heads,
-    )
-    return {
-        "cell_id": cell_id(cfg), "config_hash": config_hash(cfg),
-        "model": cfg.model.name, "patch": cfg.patch, "cond": cfg.cond, "data": cfg.data.name,
-        "seed": cfg.seed, "input_size": input_size, "in_channels": in_channels,
-        "tokens": cost["tokens"], "params": cost["params"], "gflops": cost["gflops"],
-        "global_batch": cfg.train.global_batch, "steps": cfg.train.steps,
-        "off_paper": bool(cfg.model.off_paper), "depth": cfg.model.depth,
-        "hidden_size": cfg.model.hidden_size, "num_heads": cfg.model.num_heads,
-    }
-
-
-def prepare_run_dir(cfg: Any) -> Path:
-    """Create (or re-open) the run folder; refuse one written by a different config."""
-    run_dir = run_dir_for(cfg)
-    facts = read_json(run_dir / "cell.json")
-    if facts is not None and facts.get("config_hash") != config_hash(cfg):
-        raise ValueError(
-            f"{run_dir} holds a run of another config (hash {facts.get('config_hash', '?')[:12]}, "
-            f"this config {config_hash(cfg)[:12]}); it is left untouched"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    if facts is None:
-        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), run_dir / "config.yaml")
-        atomic_write_json(run_dir / "cell.json", cell_facts(cfg))
-    return run_dir
-
-
-# ---- randomness as a pure function of (seed, step) ----
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of step `step`: timesteps, noise and label dropout of the whole global batch."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    """Returns the generator of step `step`: timesteps, noise and label dropout of the whole global batch."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step))
+
+
+def draw_step(objective, generator: torch.Generator, global_batch: int, shape: tuple[int, ...],
+              class_dropout_prob: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Returns (t, noise, drop) of one step for the whole global batch, drawn on `device` from `generator`
+    in a fixed order (so a resumed run, or any number of processes, sees the same draws)."""
+    t = objective.sample_t(global_batch, generator, device)
+    noise = torch.randn((global_batch, *shape), generator=generator, device=device)
+    drop = torch.rand(global_batch, generator=generator, device=device) < class_dropout_prob
+    return t, noise, drop
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+    """Returns the permutation of the n items for `epoch`."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch))
 
 
 class DataOrder:
@@ -157,7 +138,6 @@ class Prefetcher:
     def __init__(self, load_fn, depth: int):
         self.load_fn = load_fn
         self.pool = ThreadPoolExecutor(max_workers=1) if depth > 0 else None
-        self.depth = depth
         self.queue: list = []
 
     def push(self, key) -> None:
@@ -171,8 +151,6 @@ class Prefetcher:
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-
-# ---- preemption: USR2 asks for a checkpoint at the next step boundary ----
 
 class StopFlag:
     """Set by SIGUSR2 (SLURM time limit or preemption, via submitit). The handler found installed
@@ -202,7 +180,10 @@ class StopFlag:
             signal.signal(signal.SIGUSR2, self.previous)
 
 
-# ---- the loop ----
+#################################################################################
+#                   One training step (the trainer's and the bench's)           #
+#################################################################################
+
 
 @torch.no_grad()
 def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -210,241 +191,361 @@ def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
-def fast_path(tcfg: Any, device: torch.device) -> tuple[str, bool]:
-    """(precision, compile) with the per-device defaults: bf16 and torch.compile on CUDA, fp32 eager on CPU."""
-    precision = tcfg.precision if tcfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    compile_model = tcfg.compile if tcfg.compile is not None else device.type == "cuda"
-    return precision, bool(compile_model)
-
-
 def make_optimizer(model: torch.nn.Module, tcfg: Any, device: torch.device) -> torch.optim.Optimizer:
+    """Returns AdamW over the model's parameter groups (one group under sp; per-layer rates under muP)."""
     kwargs = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay}
     if device.type == "cuda" and tcfg.fused_adam:
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW(model.parameters(), **kwargs)
+    return torch.optim.AdamW(mup.param_groups(model, tcfg.lr, tcfg.weight_decay), **kwargs)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """Returns the autocast context of a precision: bf16 autocast, or none (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+@dataclass
+class Stepper:
+    """What one optimisation step touches, built once (`make_stepper`); the trainer and the benchmarks
+    step the same object, so the benchmarks time, and the GPU checks inspect, the trainer's own step."""
+
+    model: torch.nn.Module  # the parameters (and the EMA's source)
+    net: Callable  # what runs the forward: the model, DDP-wrapped and/or compiled
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    objective: Any  # harness.diffusion: GaussianDiffusion or Flow (training_losses, sample_t)
+    precision: str
+    ema_decay: float
+    micro: int  # per-process micro-batch
+    accum: int  # micro-batches per step
+    distributed: bool
+    codec: Any = None  # encodes pixels every step (the paper's ImageNet path); None: inputs are final
+    ema_params: list = field(default_factory=list)
+    params: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.ema_params, self.params = list(self.ema.parameters()), list(self.model.parameters())
+        self.autocast = autocast_for(self.precision, next(self.model.parameters()).device)
+
+
+def make_stepper(model: torch.nn.Module, objective, tcfg: Any, device: torch.device, *, world_size: int = 1,
+                 micro: int, accum: int = 1, codec=None) -> Stepper:
+    """Returns the Stepper of a model: EMA (an exact copy, as the paper's), AdamW, DDP when world_size > 1,
+    and the precision and compilation of `harness.cell.fast_path`."""
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = make_optimizer(model, tcfg, device)
+    net = model
+    if world_size > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    precision, compile_model = fast_path(tcfg, device)
+    if compile_model:
+        net = torch.compile(net)
+    return Stepper(model=model, net=net, ema=ema, opt=opt, objective=objective, precision=precision,
+                   ema_decay=tcfg.ema_decay, micro=micro, accum=accum, distributed=world_size > 1, codec=codec)
+
+
+def train_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+               drop: torch.Tensor, encode_generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """One optimisation step on this process's slice (micro x accum items): forward and backward of each
+    micro-batch, AdamW, EMA. Returns (summed mean loss of the micro-batches / accum, gradient norm), both
+    device tensors: no host-device synchronisation in the step."""
+
+    def model_fn(x_t, t_, y, drop):
+        return s.net(x_t, t_, y, force_drop_ids=drop)
+
+    s.opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=t.device)
+    device = t.device
+    for k in range(s.accum):
+        sl = slice(k * s.micro, (k + 1) * s.micro)
+        xk = x[sl].to(device, non_blocking=True)
+        yk = y[sl].to(device, non_blocking=True)
+        if s.codec is not None:  # a fresh posterior sample every step, as the paper did
+            with torch.no_grad(), s.autocast:
+                xk = s.codec.encode(xk, generator=encode_generator)
+        sync = s.net.no_sync() if (s.distributed and k < s.accum - 1) else nullcontext()
+        with sync, s.autocast:
+            # which labels are dropped was drawn with the step's generator (reproducible, independent of the
+            # world size); the model's label embedder applies it
+            losses = s.objective.training_losses(model_fn, xk, t[sl], {"y": yk, "drop": drop[sl]},
+                                                 noise=noise[sl])
+            loss = losses["loss"].float().mean() / s.accum
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, float("inf"))
+    s.opt.step()
+    update_ema(s.ema_params, s.params, s.ema_decay)
+    return loss_sum, grad_norm
+
+
+#################################################################################
+#                                  The loop                                     #
+#################################################################################
+
+
+@dataclass
+class Progress:
+    """Where a cell's training stands; checkpointed with the weights."""
+
+    step: int = 0
+    images_seen: int = 0
+    wall_s_before: float = 0.0  # wall time of earlier attempts
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def wall_s(self) -> float:
+        return self.wall_s_before + time.perf_counter() - self.t_start
+
+
+@dataclass
+class LogWindow:
+    """Training-loss sums since the last log line (device tensors: read only when a line is written)."""
+
+    loss_sum: torch.Tensor
+    grad_norm: torch.Tensor
+    steps: int = 0
+    images_at_start: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
 
 
 def train(cfg: Any) -> dict:
     """Train (or resume) one cell to cfg.train.steps; returns {"run_dir", "step", "state", ...}.
 
-    Raises ValueError for bad input before any work; records `failed` with the reason on NaN/inf loss.
+    Raises cli.BadInput for a bad config before any work; records `failed` with the reason (and raises
+    TrainingFailed) on a non-finite loss or a failed write; never leaves status.json `running` on error.
     """
-    from harness import data as data_mod
-    from harness.autoencoder import build_codec
-    from harness.diffusion import create_diffusion
-
     problems = validate(cfg)
     if problems:
-        raise ValueError("bad cell config:\n  - " + "\n  - ".join(problems))
+        raise cli.BadInput(f"bad cell config: {'; '.join(problems)}")
     env = distributed.init(cfg.device)
-    tcfg = cfg.train
-    micro, accum = batch_plan(tcfg.global_batch, env.world_size, tcfg.batch_per_gpu)
-    per_rank = micro * accum
-
+    micro, accum = batch_plan(cfg.train.global_batch, env.world_size, cfg.train.batch_per_gpu)
     if env.is_main:
-        run_dir = prepare_run_dir(cfg)
+        prepare_run_dir(cfg)
     distributed.barrier()
     run_dir = run_dir_for(cfg)
+    with hold(run_dir, "train", env, cfg.lock_wait_s) as held:
+        if env.is_main:
+            runfolder.remove_temp_files(run_dir)  # torn writes of killed attempts (we hold the folder now)
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(cfg.train.tf32)
+        dataset = build_dataset(cfg.data, "train")
+        codec = build_codec(cfg.data, device=env.device) if data_kind(cfg.data.name).encode_every_step else None
+        objective = build_objective(cfg).to(env.device)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg).to(env.device)
+        stepper = make_stepper(model, objective, cfg.train, env.device, world_size=env.world_size, micro=micro,
+                               accum=accum, codec=codec)
+        progress, order = _resume(cfg, env, run_dir, stepper, len(dataset))  # marks the cell running
+        try:
+            if progress.step >= cfg.train.steps:
+                return _finish(cfg, env, run_dir, progress, note="already trained")
+            return _loop(cfg, env, run_dir, stepper, progress, order, dataset, codec, held)
+        except Preempted:
+            raise
+        except BaseException as e:  # whatever stopped it, status.json must not say `running`
+            if env.is_main:
+                _record_failure(run_dir, progress.step, e)
+            raise
+
+
+def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: DataOrder, dataset, codec,
+          held) -> dict:
+    """Steps, logs, validates and checkpoints from `progress` to cfg.train.steps; returns the result."""
+    tcfg, objective = cfg.train, stepper.objective
     ckpt_dir = run_dir / "checkpoints"
-    keep_steps = set(eval_steps(cfg))
-
-    torch.backends.cuda.matmul.allow_tf32 = bool(tcfg.tf32)
-    torch.backends.cudnn.allow_tf32 = bool(tcfg.tf32)
-
-    dataset = data_mod.build_dataset(cfg.data, "train")
-    # Pixel images of an ImageNet folder are encoded every step (the paper's way); other data sets are
-    # already in the model's space (digits pixels, precomputed latents, synthetic tensors).
-    codec = build_codec(cfg.data, device=env.device) if cfg.data.name == "imagefolder" else None
-    diffusion = create_diffusion("").to(env.device)
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(env.device)
-    ema = copy.deepcopy(model).requires_grad_(False)  # the paper's EMA starts as an exact copy
-    opt = make_optimizer(model, tcfg, env.device)
-
-    order = DataOrder(len(dataset), cfg.seed, tcfg.global_batch)
-    step, images_seen, wall_s_before = 0, 0, 0.0
-    state = checkpoint.load_latest(ckpt_dir, map_location="cpu")
-    if state is not None:
-        if state.get("config_hash") != config_hash(cfg):
-            raise ValueError(f"checkpoint in {ckpt_dir} belongs to another config; refusing to resume")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        checkpoint.set_rng_state(state["rng"])
-        step, images_seen = state["step"], state["images_seen"]
-        order = DataOrder(len(dataset), cfg.seed, tcfg.global_batch, **state["data"])
-        wall_s_before = state.get("wall_s", 0.0)
-        log.info("resumed %s from %s", run_dir.name, checkpoint.describe_state(state))
-
-    if env.is_main:
-        status = read_status(run_dir)
-        update_status(
-            run_dir, state="running", reason=None, attempts=status.get("attempts", 0) + 1,
-            step=step, total_steps=tcfg.steps, started=status.get("started") or time.time(),
-        )
-        if state is not None or status.get("attempts"):
-            append_jsonl(run_dir / "metrics.jsonl", {"event": "resume", "step": step})
-    if step >= tcfg.steps:
-        return _finish(cfg, env, run_dir, step, images_seen, wall_s_before, note="already trained")
-
-    train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.world_size > 1 else model
-    precision, compile_model = fast_path(tcfg, env.device)
-    if compile_model:
-        train_model = torch.compile(train_model)
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    val = _fixed_val_batch(cfg, dataset, codec, env)
-
-    def model_fn(x_t, t, y, drop):
-        return train_model(x_t, t, y, force_drop_ids=drop)
-
-    # Each rank loads its slice of the global batch; the loader runs one step ahead in a thread.
-    lo, hi = env.rank * per_rank, (env.rank + 1) * per_rank
+    micro, accum = stepper.micro, stepper.accum
+    val = _fixed_val_batch(cfg, dataset, codec, objective, env)
+    per_rank = micro * accum
+    lo = env.rank * per_rank
 
     def load(key: tuple[int, torch.Tensor]):
         """This rank's slice of a step's global batch, augmented (flips, latent draws) and pinned."""
         step_k, indices = key
-        x, y = dataset.get_batch(indices[lo:hi])
-        aug_g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_k + 104_729 * env.rank)
+        x, y = dataset.get_batch(indices[lo:lo + per_rank])
+        aug_g = torch.Generator().manual_seed(step_seed(cfg.seed, step_k) + AUG_RANK_STRIDE * env.rank)
         x = dataset.augment(x, aug_g)
         if env.device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
         return x, y, aug_g
 
+    keep_steps = set(eval_steps(cfg))
     prefetch = Prefetcher(load, depth=tcfg.num_workers)
-    prefetch.push((step, order.next_indices()))
+    prefetch.push((progress.step, order.next_indices()))
     stop = StopFlag()
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    model.train()
-    loss_sum = torch.zeros((), device=env.device)
-    grad_norm = torch.zeros((), device=env.device)
-    t_log, images_at_log, steps_since_log = time.perf_counter(), images_seen, 0
-    t_start = time.perf_counter()
-    progress = _progress(env, step, tcfg.steps)
+    stepper.model.train()
+    window = LogWindow(torch.zeros((), device=env.device), torch.zeros((), device=env.device),
+                       images_at_start=progress.images_seen)
+    bar = tqdm(total=tcfg.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not env.is_main or bool(os.environ.get("HARNESS_NO_BAR")))
     run = _wandb_run(cfg, env, run_dir)
+    step = progress.step
     try:
-        while step < tcfg.steps:
-            x_all, y_all, aug_g = prefetch.pop()
+        while progress.step < tcfg.steps:
+            x, y, aug_g = prefetch.pop()
             data_state = order.state()  # position after the batch being trained now was taken
+            step = progress.step
             if step + 1 < tcfg.steps:
                 prefetch.push((step + 1, order.next_indices()))
-            # Drawn on the device itself: no host-to-device copy (and no sync) in the step.
-            g = step_generator(cfg.seed, step, env.device)
-            shape = (tcfg.global_batch, *val["x"].shape[1:])
-            t_glob = torch.randint(0, diffusion.num_timesteps, (tcfg.global_batch,), generator=g, device=env.device)
-            noise_glob = torch.randn(shape, generator=g, device=env.device)
-            drop_glob = torch.rand(tcfg.global_batch, generator=g, device=env.device) < tcfg.class_dropout_prob
-            opt.zero_grad(set_to_none=True)
-            for k in range(accum):
-                sl = slice(k * micro, (k + 1) * micro)
-                gsl = slice(lo + k * micro, lo + (k + 1) * micro)
-                x = x_all[sl].to(env.device, non_blocking=True)
-                y = y_all[sl].to(env.device, non_blocking=True)
-                if codec is not None:  # a fresh posterior sample every step, as the paper did
-                    with torch.no_grad():
-                        x = codec.encode(x, generator=aug_g)
-                drop, t, noise = drop_glob[gsl], t_glob[gsl], noise_glob[gsl]
-                sync = nullcontext() if (k == accum - 1 or env.world_size == 1) else train_model.no_sync()
-                with sync, autocast:
-                    # which labels are dropped is drawn above from the step's generator (reproducible,
-                    # independent of the world size); the model's label embedder applies the rule
-                    losses = diffusion.training_losses(model_fn, x, t, {"y": y, "drop": drop}, noise=noise)
-                    loss = losses["loss"].float().mean() / accum
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            opt.step()
-            update_ema(ema_params, params, tcfg.ema_decay)
-            step += 1
-            steps_since_log += 1
-            images_seen += tcfg.global_batch
-            progress.update(1)
-
+            g = step_generator(cfg.seed, step, env.device)  # on the device: no host copy, no sync
+            t, noise, drop = draw_step(objective, g, tcfg.global_batch, tuple(val["x"].shape[1:]),
+                                       tcfg.class_dropout_prob, env.device)
+            mine = slice(lo, lo + per_rank)
+            loss, window.grad_norm = train_step(stepper, x, y, t[mine], noise[mine], drop[mine], aug_g)
+            window.loss_sum += loss
+            window.steps += 1
+            progress.step = step = step + 1
+            progress.images_seen += tcfg.global_batch
+            bar.update(1)
+            held.check()  # another process took the folder over (our heartbeat stalled): stop writing
             is_ckpt = step % tcfg.ckpt_every == 0 or step in keep_steps or step == tcfg.steps
             if step % tcfg.log_every == 0 or is_ckpt or stop.requested:
-                loss_mean = distributed.all_reduce_mean(loss_sum.clone()) / max(1, steps_since_log)
-                loss_value = float(loss_mean)
-                if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
-                    raise TrainingFailed(f"non-finite loss {loss_value} at step {step}; stopped, not saved")
-                now = time.perf_counter()
-                rec = {
-                    "step": step, "images_seen": images_seen, "loss": loss_value,
-                    "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                    "images_per_s": (images_seen - images_at_log) / max(now - t_log, 1e-9),
-                    "wall_s": wall_s_before + now - t_start,
-                }
-                t_log, images_at_log, steps_since_log = now, images_seen, 0
-                loss_sum.zero_()
-                if env.is_main:
-                    append_jsonl(run_dir / "metrics.jsonl", rec)
-                    progress.set_postfix(loss=f"{loss_value:.4f}")
-                    if run is not None:
-                        run.log(rec, step=step)
+                _log(run_dir, env, progress, window, stepper.opt, bar, run)
             if step % tcfg.val_every == 0 or step == tcfg.steps:
-                val_loss, val_loss_ema = _val_loss(model, ema, diffusion, val, autocast)
-                if env.is_main:
-                    rec = {"step": step, "images_seen": images_seen, "val_loss": val_loss,
-                           "val_loss_ema": val_loss_ema}
-                    append_jsonl(run_dir / "metrics.jsonl", rec)
-                    if run is not None:
-                        run.log(rec, step=step)
+                _validate(run_dir, env, progress, stepper, objective, val, run)
             if is_ckpt or stop.requested:
-                wall_s = wall_s_before + time.perf_counter() - t_start
-                _save(cfg, env, ckpt_dir, step, images_seen, model, ema, opt, data_state, wall_s, keep_steps)
+                _save(cfg, env, ckpt_dir, progress, stepper, data_state, keep_steps)
                 if env.is_main:
-                    update_status(run_dir, step=step, wall_s=wall_s, gpu_hours=_gpu_hours(env, wall_s))
+                    update_status(run_dir, step=step, wall_s=progress.wall_s(),
+                                  gpu_hours=_gpu_hours(env, progress.wall_s()))
             if stop.requested:
                 raise Preempted(f"stopped at step {step} on request; checkpoint written")
-    except TrainingFailed as e:
-        if env.is_main:
-            update_status(run_dir, state="failed", reason=str(e), step=step)
-        raise
     except Preempted:
         if env.is_main:
             update_status(run_dir, state="interrupted", reason="preempted (USR2): checkpointed, requeued")
         prefetch.close()
         stop.hand_over()
         raise
+    except lease.LeaseLost as e:  # the folder is someone else's now: write nothing more
+        raise TrainingFailed(f"{e}") from e
     finally:
         prefetch.close()
         stop.restore()
-        progress.close()
+        bar.close()
         if run is not None:
             run.finish()
-    return _finish(cfg, env, run_dir, step, images_seen, wall_s_before + time.perf_counter() - t_start)
+    return _finish(cfg, env, run_dir, progress)
 
 
-def _finish(cfg, env, run_dir, step, images_seen, wall_s, note=None) -> dict:
+def _record_failure(run_dir: Path, step: int, e: BaseException) -> None:
+    """Marks the cell failed (or interrupted, for ^C) with the error in one line; never raises."""
+    state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+    if isinstance(e, TrainingFailed):
+        reason = str(e)
+    else:
+        reason = f"{type(e).__name__} at step {step}: {cli.one_line(e)}"
+    try:
+        update_status(run_dir, state=state, reason=reason, step=step)
+    except OSError as write_error:  # the disk that failed the run may fail this too: say it where we can
+        log.error("could not record the failure of %s in its status.json (%s): %s", run_dir, write_error, reason)
+
+
+def _resume(cfg, env, run_dir: Path, s: Stepper, n_items: int) -> tuple[Progress, DataOrder]:
+    """Loads the newest usable checkpoint into the stepper; returns where training stands. Marks the run
+    started in status.json (rank 0). Refuses to train again from step 0 a cell whose log shows it trained
+    further, unless train.restart is set (then the restart is marked and the old results set aside)."""
+    ckpt_dir = run_dir / "checkpoints"
+    state = checkpoint.load_latest(ckpt_dir, map_location="cpu")
+    progress, order = Progress(), DataOrder(n_items, cfg.seed, cfg.train.global_batch)
+    if state is not None:
+        if state.get("config_hash") != config_hash(cfg):
+            raise ValueError(f"checkpoint in {ckpt_dir} belongs to another config; refusing to resume")
+        s.model.load_state_dict(state["model"])
+        s.ema.load_state_dict(state["ema"])
+        s.opt.load_state_dict(state["opt"])
+        checkpoint.set_rng_state(state["rng"])
+        progress = Progress(step=state["step"], images_seen=state["images_seen"],
+                            wall_s_before=state.get("wall_s", 0.0))
+        order = DataOrder(n_items, cfg.seed, cfg.train.global_batch, **state["data"])
+        log.info("resumed %s from %s", run_dir.name, checkpoint.describe_state(state))
+    # A log that passed a checkpoint step with no usable checkpoint left means the checkpoints were deleted
+    # (or all are corrupt): training again from step 0 would silently redo (and double-log) that work.
+    logged = runfolder.logged_step(run_dir / "metrics.jsonl")
+    first_ckpt = min(cfg.train.ckpt_every, *eval_steps(cfg))
+    lost = state is None and logged >= first_ckpt
+    if lost and not cfg.train.restart:
+        raise cli.BadInput(
+            f"{run_dir.name}: metrics.jsonl reaches step {logged} but there is no usable checkpoint (deleted?); "
+            "not training again from step 0. Pass train.restart=true to start over (the log marks the restart "
+            "and the results read only the new run)"
+        )
     if env.is_main:
-        update_status(run_dir, state="finished", reason=note, step=step, wall_s=wall_s,
+        status = read_status(run_dir)
+        update_status(run_dir, state="running", reason=None, attempts=status.get("attempts", 0) + 1,
+                      step=progress.step, total_steps=cfg.train.steps, started=status.get("started") or time.time())
+        if lost:
+            archive = runfolder.set_aside_results(run_dir)
+            append_jsonl(run_dir / "metrics.jsonl", {"event": "restart", "step": progress.step, "from_step": logged,
+                                                     "results_set_aside": archive})
+            log.warning("%s: restarting at step %d (log reached %d); old results moved to %s", run_dir.name,
+                        progress.step, logged, archive)
+        elif state is not None or status.get("attempts"):
+            append_jsonl(run_dir / "metrics.jsonl", {"event": "resume", "step": progress.step})
+    distributed.barrier()
+    return progress, order
+
+
+def _log(run_dir, env, progress: Progress, w: LogWindow, opt, bar, run) -> None:
+    """Writes one training line (mean loss since the last line); raises TrainingFailed on a non-finite loss."""
+    loss_value = float(distributed.all_reduce_mean(w.loss_sum.clone()) / max(1, w.steps))
+    grad_norm = float(w.grad_norm)
+    if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
+        raise TrainingFailed(f"non-finite loss {loss_value} at step {progress.step}; stopped, not saved")
+    now = time.perf_counter()
+    rec = {"step": progress.step, "images_seen": progress.images_seen, "loss": loss_value, "grad_norm": grad_norm,
+           "lr": opt.param_groups[0]["lr"],
+           "images_per_s": (progress.images_seen - w.images_at_start) / max(now - w.t_start, 1e-9),
+           "wall_s": progress.wall_s()}
+    w.loss_sum.zero_()
+    w.steps, w.images_at_start, w.t_start = 0, progress.images_seen, now
+    if env.is_main:
+        append_jsonl(run_dir / "metrics.jsonl", rec)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if run is not None:
+            run.log(rec, step=progress.step)
+
+
+def _validate(run_dir, env, progress: Progress, s: Stepper, objective, val: dict, run) -> None:
+    """Writes the validation line: the objective's loss of the model and of its EMA on the fixed batch."""
+    val_loss, val_loss_ema = _val_loss(s.model, s.ema, objective, val, s.autocast)
+    if env.is_main:
+        rec = {"step": progress.step, "images_seen": progress.images_seen, "val_loss": val_loss,
+               "val_loss_ema": val_loss_ema}
+        append_jsonl(run_dir / "metrics.jsonl", rec)
+        if run is not None:
+            run.log(rec, step=progress.step)
+
+
+def _finish(cfg, env, run_dir, progress: Progress, note=None) -> dict:
+    wall_s = progress.wall_s()
+    if env.is_main:
+        runfolder.remove_temp_files(run_dir)
+        update_status(run_dir, state="finished", reason=note, step=progress.step, wall_s=wall_s,
                       gpu_hours=_gpu_hours(env, wall_s))
-    return {"run_dir": str(run_dir), "step": step, "images_seen": images_seen, "state": "finished",
-            "wall_s": wall_s}
+    return {"run_dir": str(run_dir), "step": progress.step, "images_seen": progress.images_seen,
+            "state": "finished", "wall_s": wall_s}
 
 
 def _gpu_hours(env: distributed.DistEnv, wall_s: float) -> float:
-    """GPU-hours spent (0 on the CPU): wall time times the number of GPU processes."""
+    """Returns GPU-hours spent (0 on the CPU): wall time times the number of GPU processes."""
     return wall_s / 3600.0 * env.world_size if env.device.type == "cuda" else 0.0
 
 
-def _save(cfg, env, ckpt_dir, step, images_seen, model, ema, opt, data_state, wall_s, keep_steps) -> None:
+def _save(cfg, env, ckpt_dir, progress: Progress, s: Stepper, data_state, keep_steps) -> None:
     if env.is_main:
         state = {
-            "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "step": step, "images_seen": images_seen, "rng": checkpoint.rng_state(),
+            "model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.opt.state_dict(),
+            "step": progress.step, "images_seen": progress.images_seen, "rng": checkpoint.rng_state(),
             "data": data_state, "config": OmegaConf.to_container(cfg, resolve=True),
-            "config_hash": config_hash(cfg), "git_commit": checkpoint.git_commit(), "wall_s": wall_s,
+            "config_hash": config_hash(cfg), "git_commit": checkpoint.git_commit(), "wall_s": progress.wall_s(),
         }
-        checkpoint.save(ckpt_dir, step, state)
+        checkpoint.save(ckpt_dir, progress.step, state)
         checkpoint.prune(ckpt_dir, cfg.train.keep_last, keep_steps)
     distributed.barrier()
 
 
-def _fixed_val_batch(cfg, dataset, codec, env) -> dict:
-    """Fixed images, timesteps and noise, identical across steps, restarts and cells of one data set."""
+def _fixed_val_batch(cfg, dataset, codec, objective, env) -> dict:
+    """Returns fixed images, times and noise, identical across steps, restarts and cells of one data set."""
     g = torch.Generator().manual_seed(VAL_SEED)
     n = min(cfg.train.val_batch, len(dataset))
     idx = torch.randperm(len(dataset), generator=g)[:n]
@@ -453,44 +554,35 @@ def _fixed_val_batch(cfg, dataset, codec, env) -> dict:
     if codec is not None:
         with torch.no_grad():
             x = codec.encode(x.to(env.device), generator=g).cpu()
-    t = torch.randint(0, 1000, (n,), generator=g)
+    t = objective.sample_t(n, g, torch.device("cpu"))
     noise = torch.randn(x.shape, generator=g)
     return {"x": x, "y": y, "t": t, "noise": noise}
 
 
 @torch.no_grad()
-def _val_loss(model, ema, diffusion, val, autocast) -> tuple[float, float]:
-    """Diffusion loss of the model and of its EMA on the fixed validation batch (labels not dropped)."""
+def _val_loss(model, ema, objective, val, autocast) -> tuple[float, float]:
+    """Returns the objective's loss of the model and of its EMA on the fixed validation batch (labels kept)."""
     out = []
     for net in (model, ema):
         was_training = net.training
         net.eval()
         dev = next(net.parameters()).device
         losses = []
-        for i in range(0, len(val["x"]), 64):
-            sl = slice(i, i + 64)
+        for i in range(0, len(val["x"]), VAL_CHUNK):
+            sl = slice(i, i + VAL_CHUNK)
             with autocast:
-                r = diffusion.training_losses(
-                    net, val["x"][sl].to(dev), val["t"][sl].to(dev), {"y": val["y"][sl].to(dev)},
-                    noise=val["noise"][sl].to(dev),
-                )
+                r = objective.training_losses(net, val["x"][sl].to(dev), val["t"][sl].to(dev),
+                                              {"y": val["y"][sl].to(dev)}, noise=val["noise"][sl].to(dev))
             losses.append(r["loss"].float())
         net.train(was_training)
         out.append(float(distributed.all_reduce_mean(torch.cat(losses).mean())))
     return out[0], out[1]
 
 
-def _progress(env, step, total):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=step, disable=not env.is_main or bool(os.environ.get("HARNESS_NO_BAR")),
-                desc="train", unit="step", dynamic_ncols=True)
-
-
 def _wandb_run(cfg, env, run_dir):
     if cfg.train.wandb == "disabled" or not env.is_main:
         return None
-    import wandb
+    import wandb  # here: seconds to import, and most runs log to files only
 
     return wandb.init(
         project="harness", name=run_dir.name, id=run_dir.name, resume="allow", dir=str(run_dir),
@@ -498,19 +590,28 @@ def _wandb_run(cfg, env, run_dir):
     )
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+#################################################################################
+#                                    The CLI                                    #
+#################################################################################
 
 
-def _main() -> None:
-    import hydra
-
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-    def main(cfg) -> None:
+@cli.guard
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m harness.train KEY=VALUE ...`: compose the cell's config (conf/), train it."""
+    cfg = compose_cli_config(argv)
+    try:
         result = train(cfg)
-        print(f"trained {result['run_dir']} to step {result['step']} ({result['images_seen']} images)")
+    except TrainingFailed as e:
+        cli.fail(f"{cell_id(cfg)}: {e}", code=cli.FAILED_EXIT)
+    print(f"trained {result['run_dir']} to step {result['step']} ({result['images_seen']} images)")
+    return result
 
-    main()
+
+def compose_cli_config(argv: list[str] | None = None):
+    """Returns the config composed from conf/ with the command line's overrides (cli.BadInput naming a bad
+    override, before anything is created)."""
+    return compose(list(argv) if argv is not None else sys.argv[1:])
 
 
 if __name__ == "__main__":
-    _main()
+    main()

@@ -1,6 +1,25 @@
 """Helpers shared by test modules (pytest puts tests/ on sys.path: `from helpers import ...`)."""
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The tiny test cell, defined once: a 1-block, width-32 DiT on the embedded digits at their native 8x8, the CPU
+# demo's recipe at batch 16. A shared 2-core CPU trains it at tens of steps a second, so the tests check the
+# harness's bookkeeping, never the numbers. Tests add what they vary (patch, steps, intervals, evaluation).
+TINY_CELL = [
+    "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data=digits", "data.image_size=8",
+    "train=demo", "train.global_batch=16", "train.val_batch=32", "device=cpu",
+]
+# A quick evaluation of the tiny cell: FID (digits extractor) from 20 samples, 5 sampler steps.
+QUICK_EVAL = ["eval=digits", "eval.num_samples=20", "eval.sampling_steps=5", "eval.batch_size=20",
+              "eval.shard_size=20", "eval.metrics=[fid]"]
 
 
 def one_thread_env() -> dict:
@@ -10,3 +29,28 @@ def one_thread_env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARNESS_NO_BAR="1", WANDB_MODE="disabled")
     return env
+
+
+def run_module(module: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Runs `python -m <module> args...` from the repository root, as a user does; returns the finished process
+    (text output captured)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=kw.pop("env", one_thread_env()),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# A later version of the schema, as an upgrade of the harness would bring: a new defaulted field in a section
+# and a new section, both without a role (the common case). Existing cells must keep their ids under it.
+@dataclass
+class TrainPlus(config.TrainConfig):
+    warmup_steps: int = 0
+
+
+@dataclass
+class ExtraSection:
+    knob: str = "off"
+
+
+@dataclass
+class ConfigPlus(config.Config):
+    train: TrainPlus = field(default_factory=TrainPlus)
+    extra: ExtraSection = field(default_factory=ExtraSection)

@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 from harness import autoencoder, data
-from harness.autoencoder import LATENT_SCALE, IdentityCodec, VAECodec, build_codec, load_vae, tiny_vae
+from harness.autoencoder import LATENT_SCALE, IdentityCodec, VAECodec, load_vae, tiny_vae
 from harness.data import (
     DATASETS,
     DigitsDataset,
     ImageFolderDataset,
+    build_codec,
     build_dataset,
     center_crop_arr,
     digits_split,

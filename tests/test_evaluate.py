@@ -17,16 +17,13 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from helpers import one_thread_env
+from helpers import TINY_CELL, one_thread_env
 
 from harness import checkpoint, evaluate, metrics, models
+from harness.config import EvalConfig, compose
+from harness.results import comparable, load_results
 
-TINY = [
-    "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-    "data=digits", "data.image_size=8", "patch=4", "train=demo", "train.global_batch=16",
-    "train.val_batch=32", "train.log_every=2", "train.val_every=10", "train.keep_last=100",
-    "eval=digits", "device=cpu",
-]
+TINY = [*TINY_CELL, "patch=4", "train.log_every=2", "train.val_every=10", "train.keep_last=100", "eval=digits"]
 STEPS = 4
 # 48 samples in 12 shards of 4, 100 sampler steps: long enough to be killed between shards
 EVAL = ["eval.num_samples=48", "eval.sampling_steps=100", "eval.shard_size=4", "eval.batch_size=4",
@@ -165,7 +162,8 @@ def test_bad_input_gets_a_clear_message_and_writes_nothing(trained, tmp_path, mo
         evaluate.evaluate(cfg, 6, run)
     with pytest.raises(ValueError, match=r"cannot be trusted: checksum mismatch"):
         evaluate.evaluate(cfg, 2, run)
-    with pytest.raises(ValueError, match=r"eval.sampler='euler' is not one of \['ddpm', 'ddim'\]"):
+    with pytest.raises(ValueError, match=r"eval.sampler='euler' cannot sample a model trained with "
+                                         r"objective='ddpm'; allowed: \['ddpm', 'ddim'\]"):
         evaluate.evaluate(evaluate.load_run_config(run, [*QUICK, "eval.sampler=euler"]), STEPS, run)
     with pytest.raises(ValueError, match=r"unknown eval preset 'fid1k'; allowed: .*'fid50k'"):
         evaluate.load_run_config(run, ["eval=fid1k"])
@@ -212,14 +210,33 @@ def test_presets_are_named_and_carry_their_sample_count(trained, preset, num_sam
 
 
 def test_fid50k_is_the_default_for_imagenet():
-    from hydra import compose, initialize_config_dir
-
-    from harness.config import EvalConfig
-    from harness.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["data=imagenet256"])
+    cfg = compose(["data=imagenet256"])
     assert (cfg.eval.preset, cfg.eval.num_samples, cfg.eval.sampling_steps) == ("fid50k", 50_000, "250")
     assert (cfg.eval.cfg_scale, cfg.eval.sampler, cfg.eval.label_sampling) == (1.0, "ddpm", "uniform")
     default = EvalConfig()
     assert (default.preset, default.num_samples, default.sampling_steps) == ("fid50k", 50_000, "250")
+
+
+def test_the_guided_protocol_gets_its_own_record_beside_the_unguided_one(trained, tmp_path):
+    """eval=fid50k and eval=fid50k_cfg on one checkpoint: two records side by side, each saying its guidance,
+    and the results table never mixes them unless asked."""
+    run = _copy_run(trained, tmp_path / "run")
+    small = ["eval.num_samples=8", "eval.sampling_steps=5", "eval.batch_size=8", "eval.shard_size=8",
+             "eval.metrics=[fid]", "eval.extractor=digits-cnn", "eval.reference_split=test"]
+    plain = evaluate.load_run_config(run, ["eval=fid50k", *small])
+    guided = evaluate.load_run_config(run, ["eval=fid50k_cfg", *small, "eval.cfg_channels=1"])
+    assert (guided.eval.preset, guided.eval.cfg_scale) == ("fid50k_cfg", 1.5)
+    assert compose(["eval=fid50k_cfg"]).eval.cfg_channels == 3  # the public code's 3 of 4 latent channels
+    with pytest.warns(UserWarning, match="fewer images"):
+        a = evaluate.evaluate(plain, STEPS, run)
+        b = evaluate.evaluate(guided, STEPS, run)
+    assert (a["cfg_scale"], a["cfg_channels"], a["guided"]) == (1.0, None, False)
+    assert (b["cfg_scale"], b["cfg_channels"], b["guided"]) == (1.5, 1, True)
+    records = sorted(p.name for p in (run / "evals").iterdir())
+    assert records[0] == f"step_{STEPS}.json" and len(records) == 2  # side by side, neither overwritten
+    assert evaluate.record_for(plain, run, STEPS)[1] == a and evaluate.record_for(guided, run, STEPS)[1] == b
+    table = load_results([run.parent])
+    with pytest.raises(ValueError, match="refusing to mix guided and unguided"):
+        comparable(table, "fid")
+    rows, label = comparable(table[table.guided], "fid")
+    assert len(rows) == 1 and label.endswith("cfg 1.5")

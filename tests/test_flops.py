@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import flops
+from harness import compute, flops
 from harness.flops import (
     count_params,
     fvcore_macs,
@@ -130,7 +130,7 @@ def test_table4_gflops_and_params(row):
 
 def test_paper_table_is_read_from_the_repository_copy():
     rows = paper_table()
-    assert flops.PAPER_TABLE_PATH.parts[-3:] == ("analysis", "reference", "dit_table4.csv")
+    assert compute.PAPER_TABLE_PATH.parts[-3:] == ("analysis", "reference", "dit_table4.csv")
     assert len(rows) == 19 and len(paper_rows()) == 16
     xl2 = rows[11]
     fields = ("model", "patch", "cond", "gflops", "params_m")
@@ -141,7 +141,7 @@ def test_compute_formulas_and_their_units():
     assert model_cost("XL", 4)["tokens"] == 64
     assert real_flops_per_image(118.64) == pytest.approx(237.28e9)
     assert train_compute_gflops(118.64, 256, 400_000) == pytest.approx(118.64 * 256 * 400_000 * 3)
-    # DIT_FACTS: XL/2 training costs 3 x 2 x 118.6 = 712 GFLOP (real) per image
+    # The paper's convention: XL/2 training costs 3 x 2 x 118.6 = 712 GFLOP (real) per image
     assert train_flops(118.64, 1, 1) / 1e9 == pytest.approx(711.84)
     assert train_flops(2.0, 256, 10) == pytest.approx(2 * 3 * 2e9 * 256 * 10)
     assert sampling_gflops_per_image(118.64, 250) == pytest.approx(29_660)

@@ -188,7 +188,12 @@ def test_guidance_on_three_channels_leaves_channel_3_unguided():
         full = model.forward_with_cfg(x2, t2, y2, scale)
     guided = uncond + scale * (cond - uncond)
     torch.testing.assert_close(public[:2, :3], guided[:, :3], rtol=1e-4, atol=1e-4)
-    assert torch.equal(public[:2, 3], cond[:, 3]) and torch.equal(public[2:, 3], uncond[:, 3])
+    # Not bitwise: the doubled batch of forward_with_cfg runs the kernels on other shapes than the plain calls,
+    # and whether two batch shapes round alike depends on the CPU. Channel 3 keeps each half's own output...
+    torch.testing.assert_close(public[:2, 3], cond[:, 3], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(public[2:, 3], uncond[:, 3], rtol=1e-4, atol=1e-5)
+    # ...which the guided combination is not (scale 4 moves it far beyond that tolerance)
+    assert not torch.allclose(public[:2, 3], guided[:, 3], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(full[:2, :4], guided[:, :4], rtol=1e-4, atol=1e-4)  # default: every channel
     assert not torch.allclose(full[:2, 3], cond[:, 3])
     torch.testing.assert_close(full[:2, 4:], cond[:, 4:])  # the variance is never guided

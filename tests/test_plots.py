@@ -1,5 +1,5 @@
 """Figures draw the sweep's own cells whatever their names, keep the paper's values off foreign axes, and take
-their y-limits from the data, never from a fit's band (issue 6: what the demo report got wrong)."""
+their y-limits from the data, never from a fit's band (what a first demo report got wrong)."""
 
 import warnings
 
@@ -148,3 +148,21 @@ def test_paper_fixture_keeps_stars_on_the_primary_axis_with_r_0_930(paper):
 def test_table4_orders_off_paper_sizes_by_parameter_count(demo):
     t4 = plots.table4(demo)
     assert list(t4["model"]) == ["demo-S"] * 3 + ["demo-B"] * 3 and list(t4["patch"]) == [8, 4, 2] * 2
+
+
+def test_fig12_draws_each_measured_metric_and_says_which_were_not(tmp_path):
+    """Fig 12 draws one line per model in each measured metric's panel; a metric the sweep did not measure gets a
+    panel saying so, never a line of zeros; the paper's FID stars only on comparable axes."""
+    df = load_results(make_paper_sweep(tmp_path / "paper"))
+    fig = plots.fig12_metrics(df)
+    panels = {ax.get_title().split(" (")[0]: ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"FID", "sFID", "Inception Score", "Precision", "Recall"}
+    n_models = df[df.cond == "adaln_zero"].groupby(["model", "patch"]).ngroups
+    for name in ("FID", "Inception Score", "Precision", "Recall"):
+        assert len([ln for ln in panels[name].lines if ln.get_gid() == "sweep"]) == n_models, name
+    assert not [ln for ln in panels["sFID"].lines] and any(t.get_gid() == "absent" for t in panels["sFID"].texts)
+    assert any(c.get_gid() == "paper" for c in panels["FID"].collections)
+    assert not any(c.get_gid() == "paper" for c in panels["Inception Score"].collections)
+    df = df.drop(columns=["fid", "sfid", "isc_mean", "precision", "recall"])
+    with pytest.raises(ValueError, match="none of"):
+        plots.fig12_metrics(df)

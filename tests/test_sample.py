@@ -4,6 +4,7 @@ the paper's label and uint8 rules, guidance and DDIM options, and released-style
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from omegaconf import OmegaConf
 
 from harness import checkpoint, distributed, models, sample
 from harness.autoencoder import IdentityCodec, VAECodec
-from harness.config import Config, EvalConfig, config_hash
+from harness.cell import build_model, config_hash, load_cell_model, load_run_config, prepare_run_dir
+from harness.config import Config, EvalConfig
 from harness.metrics import to_uint8_rgb
 
 TINY_ARCH = dict(depth=1, hidden_size=32, num_heads=2)
@@ -42,8 +44,6 @@ def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A digits run folder (8x8 pixels, patch 4) with a checkpoint at STEP written by checkpoint.save."""
-    from harness.train import build_model, prepare_run_dir
-
     out = tmp_path_factory.mktemp("sample_runs")
     cfg = OmegaConf.merge(OmegaConf.structured(Config), {
         "model": {"name": "demo-S", "off_paper": True, **TINY_ARCH}, "patch": 4,
@@ -89,8 +89,12 @@ def test_same_samples_for_one_or_two_processes_and_any_batch_size(run_dir, tmp_p
     assert ref.shape == (14, 8, 8, 3) and ref.dtype == np.uint8
     assert len(np.unique(ref.reshape(14, -1), axis=0)) == 14  # 14 different images, not one repeated
     for o in outs[1:]:
-        assert np.array_equal(o["arr_0"], ref)
-        assert np.array_equal(o["labels"], outs[0]["labels"])
+        # Not bitwise: batches of 3, 8 and 5 run the network on other shapes, and whether they round alike
+        # depends on the CPU; a float difference of ~1e-6 can move a pixel across a rounding boundary of the
+        # uint8 images. Wrong noise or labels would change every image wholesale.
+        diff = np.abs(o["arr_0"].astype(int) - ref.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+        assert np.array_equal(o["labels"], outs[0]["labels"])  # integers drawn per sample: exact
     assert sorted(p.name for p in (tmp_path / "b3" / "png").iterdir()) == [f"{i:06d}.png" for i in range(5)]
     assert not list((tmp_path / "ddp").glob("shard_*"))  # shards are merged away
 
@@ -101,8 +105,6 @@ def _ecfg(**kw) -> OmegaConf:
 
 
 def _digits_model(run: Path, weights: str = "ema") -> torch.nn.Module:
-    from harness.evaluate import load_cell_model, load_run_config
-
     model, _, _ = load_cell_model(load_run_config(run, []), run, STEP, weights, CPU)
     return model
 
@@ -218,13 +220,22 @@ def test_released_state_dict_samples_through_the_tiny_vae(tmp_path):
     assert np.array_equal(direct, arr)
 
 
-def test_released_checkpoint_bad_input_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no-such\.pt does not exist.*dl\.fbaipublicfiles\.com/DiT"):
-        sample.main(_released_args(tmp_path / "no-such.pt", tmp_path / "a"))
+def _one_line_exit(capsys, argv) -> str:
+    """Runs sample.main(argv); asserts it exits 2 with one `error:` line on stderr and returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_released_checkpoint_bad_input_is_clear(tmp_path, capsys):
+    line = _one_line_exit(capsys, _released_args(tmp_path / "no-such.pt", tmp_path / "a"))
+    assert re.search(r"no-such\.pt does not exist.*dl\.fbaipublicfiles\.com/DiT", line)
     ckpt = tmp_path / "other.pt"
     torch.save(_latent_model().state_dict(), ckpt)
-    with pytest.raises(ValueError, match=r"does not match the model architecture.*shape mismatch"):
-        sample.main(_released_args(ckpt, tmp_path / "b", "--hidden-size", "64"))
-    with pytest.raises(SystemExit):  # argparse: --run-dir without --step
-        sample.main(["--run-dir", str(tmp_path)])
+    line = _one_line_exit(capsys, _released_args(ckpt, tmp_path / "b", "--hidden-size", "64"))
+    assert re.search(r"does not match the model architecture.*shape mismatch", line)
+    assert "--step" in _one_line_exit(capsys, ["--run-dir", str(tmp_path)])  # --run-dir without --step
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

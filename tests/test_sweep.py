@@ -15,8 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CELL, ConfigPlus
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
-from harness import checkpoint, flops, status, sweep
+from harness import cell, checkpoint, config, flops, status, sweep
+from harness.cell import load_run_config
+from harness.config import Config
 from harness.runfolder import read_json, read_jsonl, update_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,11 +31,10 @@ CKPT_EVERY = 5
 LOG_EVERY = 5
 # A cell a shared 2-core CPU trains in seconds: a 1-block DiT on 8x8 digits, FID (digits extractor) from
 # 20 samples. Off-paper and tiny on purpose: these tests check the sweep's bookkeeping, not the numbers.
-TINY_CELL = [
-    "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.image_size=8",
-    "train=demo", "train.global_batch=16", f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}",
-    f"train.log_every={LOG_EVERY}", "train.val_every=5", "eval=digits", "eval.num_samples=20", "eval.sampling_steps=5",
-    f"eval.at_steps=[{STEPS}]", "eval.batch_size=20", "eval.shard_size=20", "device=cpu", "report=false",
+TINY = [
+    *TINY_CELL, f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", f"train.log_every={LOG_EVERY}",
+    "train.val_every=5", "eval=digits", "eval.num_samples=20", "eval.sampling_steps=5", f"eval.at_steps=[{STEPS}]",
+    "eval.batch_size=20", "eval.shard_size=20", "report=false",
 ]
 CELL_ID = re.compile(r"^(DiT-demo-S-(\d)_adaln_zero_digits_s0_[0-9a-f]{8})\s")
 NAN_LR = "1e30"  # weights jump to ~1e30 after one AdamW step: the loss is NaN by the first logged step
@@ -39,13 +43,13 @@ NAN_LR = "1e30"  # weights jump to ~1e30 after one AdamW step: the loss is NaN b
 def run_sweep(out_dir, *overrides):
     """Runs the sweep to completion; returns the CompletedProcess (text stdout and stderr). It inherits the
     session's harness cache (tests/conftest.py), so the digits extractor trains once."""
-    cmd = [sys.executable, "-m", "harness.sweep", "-m", *TINY_CELL, *overrides, f"out_dir={out_dir}"]
+    cmd = [sys.executable, "-m", "harness.sweep", "-m", *TINY, *overrides, f"out_dir={out_dir}"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
 
 
 def sweep_in_process(monkeypatch, out_dir, *overrides):
     """Runs harness.sweep's Hydra entry point in this process; returns its exit code."""
-    monkeypatch.setattr(sys, "argv", ["harness.sweep", "-m", *TINY_CELL, *overrides, f"out_dir={out_dir}"])
+    monkeypatch.setattr(sys, "argv", ["harness.sweep", "-m", *TINY, *overrides, f"out_dir={out_dir}"])
     try:
         sweep.main()
     except SystemExit as e:
@@ -97,12 +101,12 @@ def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, mon
     ids = plan_ids(plan)
     assert sorted(ids) == [4, 8]
     assert "2 cells, 2 to run; estimated GPU-hours" in plan
-    for head in ("params", "Gflops", "train Gflops", "GPU-h"):
+    for head in ("objective", "params", "Gflops", "train Gflops", "GPU-h"):
         assert head in plan
     for cid in ids.values():
         row = next(line for line in plan.splitlines() if line.startswith(cid)).split()
-        params_m, train_gflops = float(row[1].rstrip("M")), float(row[3])
-        assert params_m > 0 and train_gflops > 0, row
+        objective, params_m, train_gflops = row[1], float(row[2].rstrip("M")), float(row[4])
+        assert objective == "ddpm" and params_m > 0 and train_gflops > 0, row
     assert not out.exists(), "plan=true must create nothing"
 
     first = run_sweep(out, "patch=4,8")
@@ -136,6 +140,24 @@ def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, mon
     assert sweep_in_process(monkeypatch, out, "patch=2,4,8") == 0
     assert "3 already done, 0 run now" in capsys.readouterr().out
     assert {cid: snapshot(out / cid) for cid in done} == done
+
+    # The harness is upgraded (its schema gains a defaulted field and a section): the same relaunch finds
+    # every cell under its old name, done, and trains nothing.
+    assert relaunch_upgraded(monkeypatch, out, "patch=2,4,8") == 0
+    assert "3 already done, 0 run now" in capsys.readouterr().out
+    assert {cid: snapshot(out / cid) for cid in done} == done
+
+
+def relaunch_upgraded(monkeypatch, out_dir, *overrides) -> int:
+    """Runs the sweep in this process as a harness whose schema is helpers.ConfigPlus would; returns its code."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=ConfigPlus)
+    monkeypatch.setattr(cell, "Config", ConfigPlus)
+    monkeypatch.setattr(config, "Config", ConfigPlus)
+    try:
+        return sweep_in_process(monkeypatch, out_dir, *overrides)
+    finally:
+        store.store(name="schema", node=Config)
 
 
 def gpu_hours_between_patches(fine, coarse):
@@ -204,10 +226,11 @@ def test_status_cli_reads_the_run_folders(failed_sweep, capsys):
 
 
 def test_status_cli_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
-    assert status.main([str(tmp_path)]) == 2
-    assert "is not a sweep folder" in capsys.readouterr().out
-    assert status.main([str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    for path, says in ((tmp_path, "is not a sweep folder"), (tmp_path / "missing", "does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            status.main([str(path)])
+        assert exit_.value.code == 2
+        assert says in capsys.readouterr().err
 
 
 # ---- bad input: rejected before any folder is created or any job submitted ----
@@ -233,7 +256,8 @@ BAD_INPUT = {
                                       "latents folder '/nonexistent/shards' does not exist"),
     "GPUs that do not divide the batch": (["resources.gpus_per_node=1,3"],
                                           "train.global_batch=16 is not divisible by the 3 GPUs"),
-    "unknown sampler": (["eval.sampler=ddpm,euler"], "eval.sampler='euler' is not one of ['ddpm', 'ddim']"),
+    "unknown sampler": (["eval.sampler=ddpm,euler"], "eval.sampler='euler' cannot sample a model trained with "
+                                                     "objective='ddpm'; allowed: ['ddpm', 'ddim']"),
     "unknown device": (["device=cpu,tpu"], "device='tpu' is not one of ['auto', 'cpu', 'cuda']"),
     "wrong type": ([f"train.steps={STEPS},many"], "Value 'many' of type 'str' could not be converted to Integer"),
 }
@@ -256,7 +280,8 @@ def test_every_bad_value_of_a_grid_is_reported_at_once(tmp_path, monkeypatch, ca
     assert sweep_in_process(monkeypatch, out, *bad, "seed=0,1") == 2
     err = capsys.readouterr().err
     assert "the grid has 10 problem(s)" in err
-    problems = [ln.split("] ", 1)[1] for ln in err.splitlines() if ln.startswith("  - [")]
+    (line,) = err.strip().splitlines()  # one line: the problems follow the colon, each behind its cell's label
+    problems = [p.split("] ", 1)[1] for p in re.split(r"; (?=\[)", line.split("submitted: ", 1)[1])]
     assert len(problems) == 10, err
     for fragment in ("unknown patch 3", "unknown cond 'film'", "train.steps=-5 must", "device='tpu'", "'euler'"):
         assert sum(fragment in p for p in problems) == 2, fragment  # once per cell
@@ -272,12 +297,15 @@ def test_bad_grid_from_the_command_line_exits_2_with_one_report(tmp_path):
     assert not out.exists()
 
 
-def test_a_bad_value_outside_the_swept_keys_is_rejected_before_the_sweep(tmp_path, monkeypatch, capsys):
-    # Hydra composes the un-swept overrides once before the sweeper runs: it stops at the first bad one.
+def test_a_bad_value_outside_the_swept_keys_is_said_in_one_line_before_the_sweep(tmp_path):
+    # Hydra composes the un-swept overrides once before the sweeper runs; the sweep composes them first
+    # itself, so the bad one is said in one line (exit 2), not in Hydra's multi-line error.
     out = tmp_path / "sweep"
-    assert sweep_in_process(monkeypatch, out, "model=Q", "seed=0,1") == 1
-    err = capsys.readouterr().err
-    assert "Could not find 'model/Q'" in err and "demo-S" in err, err
+    result = run_sweep(out, "model=Q", "seed=0,1")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Could not find 'model/Q'" in lines[0] and "demo-S" in lines[0]
     assert not out.exists()
 
 
@@ -290,10 +318,6 @@ def test_zero_gpus_is_rejected_as_bad_input(tmp_path, monkeypatch, capsys):
 
 def test_cell_resources_give_the_expensive_cell_more_gpus_and_time():
     """The one rule in config: XL/2 at the paper's recipe gets more GPUs and a longer limit than S/8."""
-    from omegaconf import OmegaConf
-
-    from harness.config import Config
-
     cfg = OmegaConf.structured(Config)
     cfg.train.steps, cfg.train.global_batch = 400_000, 256
     cfg.resources.gpus_per_node, cfg.resources.max_gpus = 4, 8  # nodes of 4 GPUs
@@ -320,9 +344,31 @@ def test_an_edited_recipe_or_another_sweep_is_refused_in_a_used_folder(failed_sw
 
 def test_a_cell_is_done_only_for_the_evaluation_settings_it_has(failed_sweep):
     """A relaunch with another evaluation preset is work to do (the new records), not a finished cell."""
-    from harness.evaluate import load_run_config
-
     out, _ = failed_sweep
     good = next(p for p in out.iterdir() if p.is_dir() and read_json(p / "status.json", {}).get("state") == "finished")
     assert sweep.cell_done(load_run_config(good, []))
     assert not sweep.cell_done(load_run_config(good, ["eval.num_samples=24"]))
+
+
+def test_composing_each_group_choice_once_gives_the_configs_hydra_composes(tmp_path, monkeypatch, capsys):
+    """The plan composes config-group choices once and applies each cell's values after, as Hydra does: on a
+    grid that varies groups, plain values, lists, group-swapping files (objective=flow sets eval.sampler) and
+    new keys, every cell's config equals Hydra's own composition of that cell."""
+    compared = []
+    fast = sweep.GridSweep.compose_cell
+
+    def checked(self, overrides):
+        cfg = fast(self, overrides)
+        hydras = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        plain = [OmegaConf.to_container(c, resolve=False) for c in (cfg, hydras)]
+        for p in plain:
+            p.pop("hydra")
+        assert plain[0] == plain[1], overrides
+        compared.append(overrides)
+        return cfg
+
+    monkeypatch.setattr(sweep.GridSweep, "compose_cell", checked)
+    grid = ["model=demo-S,demo-B", "patch=2,4", "objective=ddpm,flow", "train.lr=1e-3,2e-3", "train.steps=10,20",
+            "eval.at_steps=[5,10]", "eval.metrics=[fid,kid]", "plan=true"]
+    assert sweep_in_process(monkeypatch, tmp_path / "sweep", *grid) == 0, capsys.readouterr().err
+    assert len(compared) == 32

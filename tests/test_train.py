@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_thread_env
+from helpers import TINY_CELL, one_thread_env
 
 from harness import checkpoint
+from harness.cell import build_model, load_run_config
 from harness.runfolder import read_json, read_jsonl
+from harness.train import batch_plan
 
-TINY = [
-    "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-    "data=digits", "data.image_size=8", "patch=4", "train=demo", "train.global_batch=16",
-    "train.val_batch=32", "train.log_every=2", "train.val_every=10", "train.keep_last=100",
-    "eval=digits", "device=cpu",
-]
+TINY = [*TINY_CELL, "patch=4", "train.log_every=2", "train.val_every=10", "train.keep_last=100", "eval=digits"]
 
 
 def _train_cmd(out_dir: Path, *extra: str) -> list[str]:
@@ -108,12 +105,24 @@ def test_two_gloo_processes_match_one_process(tmp_path):
                 "-m", "harness.train", *TINY, f"out_dir={two}", *extra]
     r = subprocess.run(torchrun, env=one_thread_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    # Not bitwise: two processes reduce the gradients of their halves in another order than one process.
     a, b = _final_state(one, 4)["model"], _final_state(two, 4)["model"]
     for k in a:
         rel = (a[k] - b[k]).norm() / max(a[k].norm(), 1e-12)
         assert rel < 1e-5, f"{k}: relative error {rel:.2e}"
-    changed = _final_state(one, 4)["model"]
-    assert any(not torch.equal(changed[k], torch.zeros_like(changed[k])) for k in changed)
+    # ...and both trained: every trainable tensor moved away from the initial weights (a cell's step-0 state is
+    # its checkpoint-free init, rebuilt here from the same seed), the zero-initialised output layer included.
+    init = _initial_model(one)
+    moved = [k for k in a if not torch.equal(a[k], init[k])]
+    frozen = {"pos_embed"}  # the fixed sin-cos embedding is not trained
+    assert set(moved) == set(a) - frozen, sorted(set(a) - set(moved))
+
+
+def _initial_model(out_dir: Path) -> dict:
+    """Returns the state dict a cell starts from (its seed, before any step), built from its run folder."""
+    cfg = load_run_config(_only_run_dir(out_dir), [])
+    torch.manual_seed(cfg.seed)  # as the trainer seeds before building
+    return build_model(cfg).state_dict()
 
 
 def test_non_finite_loss_stops_the_cell_as_failed(tmp_path):
@@ -154,14 +163,10 @@ def test_bad_input_fails_before_training_and_leaves_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("world,per_gpu,expected", [(1, None, (16, 1)), (2, 4, (4, 2)), (4, None, (4, 1))])
 def test_batch_plan_derives_micro_batch_and_accumulation(world, per_gpu, expected):
-    from harness.train import batch_plan
-
     assert batch_plan(16, world, per_gpu) == expected
 
 
 def test_batch_plan_rejects_indivisible():
-    from harness.train import batch_plan
-
     with pytest.raises(ValueError, match="not divisible"):
         batch_plan(15, 2, None)
     with pytest.raises(ValueError, match="does not divide"):

@@ -4,15 +4,13 @@ Hydra discovers plugins by importing the `hydra_plugins` namespace package; keep
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.plugins.sweeper import Sweeper
 
-# The repository root: its `sweeps/` folder becomes the config group `sweeps` (named grids).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from harness.config import REPO_ROOT  # its `sweeps/` folder becomes the config group `sweeps` (named grids)
 
 
 class HarnessSearchPath(SearchPathPlugin):
@@ -24,7 +22,7 @@ class GridSweeper(Sweeper):
     """Hydra's entry point for `harness.sweep.GridSweep` (plugins must live in hydra_plugins)."""
 
     def __init__(self, max_batch_size=None, params=None):
-        from harness.sweep import GridSweep  # imported lazily: plugin discovery imports this module
+        from harness.sweep import GridSweep  # here: plugin discovery imports this module, the sweep loads torch
 
         self.impl = GridSweep(params=params)
 

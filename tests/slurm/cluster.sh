@@ -7,7 +7,7 @@
 #   bash tests/slurm/cluster.sh down   [DIR]   # cancel jobs, stop daemons by pid file
 #
 # DIR defaults to $HARNESS_SLURM_DIR or /tmp/harness-slurm. Clients: `source DIR/env.sh` (exports SLURM_CONF).
-# Needs root (daemons run as root) on Debian 12. Known-working facts: /work/shared/notes/slurm.md.
+# Needs root (daemons run as root) on Debian 12.
 set -euo pipefail
 
 cmd="${1:-}"
@@ -106,7 +106,7 @@ install_packages() {
 write_configs() {
   local munge_sock="$DIR/munge/munge.socket" i gpu_files
   # Fake GPUs: character devices (same numbers as /dev/null). Plain files would allocate but set no
-  # CUDA_VISIBLE_DEVICES (notes/slurm.md).
+  # CUDA_VISIBLE_DEVICES.
   for (( i = 0; i < NODE_GPUS; i++ )); do
     [[ -c "$DIR/gpu/gpu$i" ]] || mknod -m 666 "$DIR/gpu/gpu$i" c 1 3
   done
@@ -136,7 +136,7 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-# Defaults add 3 s to every start and about 60 s to every requeue (notes/slurm.md).
+# Defaults add 3 s to every start and about 60 s to every requeue.
 SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 SlurmdParameters=config_overrides
 JobRequeue=1
