@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 7): run as is from the repository root on a lent H100 / H200.
+# The prepared GPU check: run as is from the repository root on a lent H100 / H200.
 #
 #   bash scripts/gpu_check.sh                       # the real check, under GPU_CHECK_BUDGET_S (default 450 s)
 #   bash scripts/gpu_check.sh --dry-run             # print the phases, their limits and commands; run nothing
-#   bash scripts/gpu_check.sh --device cpu --tiny   # the same phases on tiny cells on the CPU, in about a minute
+#   bash scripts/gpu_check.sh --device cpu --tiny   # the same phases on tiny cells on the CPU (minutes)
 #
 # Phases, most important first, each under `timeout` with the smaller of its own limit and what is left of
 # the budget (a phase that cannot get 15 s is skipped, never started): a Python environment (.venv if it
 # works, else a venv over the system's torch, else a fresh venv with pip install -e .), the gpu-marked tests
-# (bf16 vs fp32 loss and output, no host sync in the step), training images/s and MFU of XL/2, L/4, B/4, S/8
-# at batches that fill the card, sampling images/s of XL/2 with and without guidance. Each bench rewrites
-# its JSON as settings finish, so a phase cut by its timeout keeps what it measured. Everything lands in
-# $OUT (default ./gpu_check_out): one JSON per phase, logs, gpu_check.json and gpu_check.md.
+# (bf16 vs fp32 loss and output, no host sync in the trainer's step), training images/s and MFU of the
+# trainer's step for XL/2, L/4, B/4, S/8 at batches that fill the card, sampling images/s of XL/2 with and
+# without guidance. Each bench (python -m harness.bench) rewrites its JSON as settings finish, so a phase
+# cut by its timeout keeps what it measured. Everything lands in $OUT (default ./gpu_check_out): one JSON
+# per phase, logs, gpu_check.json and gpu_check.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
