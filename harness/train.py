@@ -601,8 +601,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = compose_cli_config(argv)
     try:
         result = train(cfg)
-    except TrainingFailed as e:
-        cli.fail(f"{cell_id(cfg)}: {e}", code=cli.FAILED_EXIT)
+    except cli.MissingWeights:
+        raise  # what to fetch and where: said by cli.guard like bad input
+    except (TrainingFailed, OSError) as e:  # the run failed (its status.json says why): one line, exit 1
+        if cli.debug():
+            raise
+        cli.fail(f"{cell_id(cfg)} failed: {read_status(run_dir_for(cfg)).get('reason') or e}", code=cli.FAILED_EXIT)
     print(f"trained {result['run_dir']} to step {result['step']} ({result['images_seen']} images)")
     return result
 
