@@ -76,6 +76,15 @@ fig = plots.fig9_compute(df)
 plots.save_figure(fig, FIG_DIR, "fig9_compute")
 
 # %% [markdown]
+# ## Fig 12: every metric of the paper's evaluator against training compute
+# FID, sFID, Inception Score, precision and recall, one line per model; a metric the sweep did not measure
+# gets a panel that says so. The repository's copy of Table 4 holds the paper's FID only.
+
+# %%
+fig = plots.fig12_metrics(df)
+plots.save_figure(fig, FIG_DIR, "fig12_metrics")
+
+# %% [markdown]
 # ## Table 4
 
 # %%

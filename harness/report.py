@@ -9,7 +9,9 @@ a section that fails says why in its place and every other section, figure and t
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import warnings
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import cli, plots, scaling
-from harness.results import comparable, load, save_table
+from harness import cli, plots, plots_optimal, scaling
+from harness.results import comparable, load, load_validation, save_table, variant, variants
 from harness.runfolder import atomic_write_bytes
 
 REPORT_DIR = "report"
@@ -67,6 +69,8 @@ class Context:
     seed: int
     fits: dict = field(default_factory=dict)
     correlation: dict | None = None
+    val_df: pd.DataFrame | None = None  # the validation table (sweep folders only: a saved table has none)
+    optimal_jobs: dict = field(default_factory=dict)  # variant -> Future of (summary, fits) computed beside
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -212,13 +216,108 @@ def frontier(ctx: Context) -> list[str]:
             _md_table(f[["budget", "cell_id", "step", ctx.metric]]), ""]
 
 
+def _eval_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The unguided evaluations (the grid's protocol): what the loss-to-FID map is fitted to."""
+    return df[~df["guided"].fillna(False).astype(bool)] if "guided" in df else df
+
+
+# file name -> (title, the fit it needs, how to draw it from the fits)
+COMPUTE_OPTIMAL_FIGURES = {
+    "compute_optimal_isoflop": ("IsoFLOP profiles", "isoflop",
+                                lambda f: plots_optimal.fig_isoflop_profiles(f["isoflop"])),
+    "compute_optimal_size": ("Compute-optimal size against training compute", "isoflop",
+                             lambda f: plots_optimal.fig_size_opt(f["isoflop"], f["joint"])),
+    "compute_optimal_loss_to_fid": ("FID against validation loss", "loss_to_fid",
+                                    lambda f: plots_optimal.fig_loss_to_fid(f["loss_to_fid"])),
+    "compute_optimal_joint": ("The joint law against what was measured", "joint",
+                              lambda f: plots_optimal.fig_joint_predicted(f["joint"], f.get("holdout"))),
+}
+
+
+def compute_optimal(ctx: Context) -> list[str]:
+    """The compute-optimal section: for a few budgets in the sweep's range and two beyond, the size, images,
+    validation loss and FID with intervals (harness.scaling), its JSON and four figures; one per training variant
+    (objective, parametrization) when the sweep has several: their losses are not one loss surface."""
+    if ctx.val_df is None or ctx.val_df.empty:
+        return ["## Compute-optimal", "", "skipped: no validation records (the laws read metrics.jsonl of sweep "
+                "folders; a saved results table has none)", ""]
+    tables = _variant_tables(ctx)
+    if list(tables) == [""]:
+        return _compute_optimal(ctx, *tables[""], "")
+    md = []
+    for name, (val_df, eval_df) in tables.items():
+        try:
+            md += _compute_optimal(ctx, val_df, eval_df, name)
+        except ValueError as e:
+            md += [f"## Compute-optimal ({name})", "", f"not written: {cli.one_line(e)}", ""]
+    return md
+
+
+def optimal_summary(val_df: pd.DataFrame, eval_df: pd.DataFrame, n_resamples: int, seed: int) -> tuple[dict, dict]:
+    """Returns (compute-optimal summary, the fitted objects) of one training variant (see harness.scaling)."""
+    fits: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = scaling.compute_optimal_summary(val_df, eval_df if len(eval_df) else None,
+                                                  n_resamples=n_resamples, seed=seed, fits=fits)
+    fits["holdout"] = (summary.get("holdout") or {}).get("joint")
+    return summary, fits
+
+
+def _variant_tables(ctx: Context) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Returns {variant name: (validation rows, unguided evaluation rows)}; '' for a sweep of one variant."""
+    groups = variants(ctx.val_df)
+    if len(groups) == 1:
+        return {"": (ctx.val_df, _eval_rows(ctx.df))}
+
+    def keep(d, g):
+        return d[[variant(o, p) == g for o, p in zip(d["objective"], d["parametrization"])]]
+
+    return {g or "ddpm sp": (keep(ctx.val_df, g), keep(_eval_rows(ctx.df), g)) for g in groups}
+
+
+# The compute-optimal fits (thousands of L-BFGS runs) go to a second process while this one fits and draws the
+# paper's figures: the report of a 48-cell sweep with 1,000 resamples then takes about half its serial time on two
+# cores (docs/benchmarks.md). Below this many resamples the second process's start-up costs more than it saves.
+PARALLEL_MIN_RESAMPLES = 500
+
+
+def _start_optimal_jobs(ctx: Context, pool) -> None:
+    if ctx.val_df is None or ctx.val_df.empty or ctx.n_resamples < PARALLEL_MIN_RESAMPLES:
+        return
+    for name, (val_df, eval_df) in _variant_tables(ctx).items():
+        ctx.optimal_jobs[name] = pool.submit(optimal_summary, val_df, eval_df, ctx.n_resamples, ctx.seed)
+
+
+def _compute_optimal(ctx: Context, val_df: pd.DataFrame, eval_df: pd.DataFrame, name: str) -> list[str]:
+    suffix = "_" + name.replace(" ", "_") if name else ""
+    job = ctx.optimal_jobs.get(name)
+    summary, fits = job.result() if job is not None else optimal_summary(val_df, eval_df, ctx.n_resamples, ctx.seed)
+    _write_text(ctx.out / f"compute_optimal{suffix}.json", json.dumps(summary, indent=2))
+    section = scaling.format_compute_optimal_markdown(summary)
+    if name:
+        section = section.replace("## Compute-optimal", f"## Compute-optimal ({name})", 1)
+    md = [section, "", f"All values: [compute_optimal{suffix}.json](compute_optimal{suffix}.json).", ""]
+    for fig_name, (title, key, draw) in COMPUTE_OPTIMAL_FIGURES.items():
+        if fits.get(key) is None:
+            md += [f"- {title}: not drawn (no such fit, see the notes above)", ""]
+            continue
+        try:
+            paths = plots.save_figure(draw(fits), ctx.out, fig_name + suffix)
+        except ValueError as e:
+            md += [f"- {title}: not drawn ({cli.one_line(e)})", ""]
+            continue
+        md += [f"### {title}", "", f"![{title}]({paths[0].name}) ([PDF]({paths[1].name}))", ""]
+    return md
+
+
 def _sections(ctx: Context) -> list[tuple[str, Callable[[Context], list[str]]]]:
     """The page, in order: (name, section). Figures come after the fits they draw."""
     figures = [(name, lambda c, n=name: figure(c, n)) for name in FIGURES]
     return ([("overview", overview), ("fits", fit_laws), ("figures header", lambda c: ["## Figures", ""])]
             + figures + [("paper note", paper_note), ("table 4", table4), ("scaling laws", laws),
                          ("correlation", correlation), ("held-out extrapolation", held_out),
-                         ("compute frontier", frontier)])
+                         ("compute frontier", frontier), ("compute-optimal", compute_optimal)])
 
 
 def build_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: str = "fid",
@@ -233,20 +332,29 @@ def build_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: s
     out.mkdir(parents=True, exist_ok=True)
     save_table(df, out / "results.csv")
     ctx = Context(df=df, out=out, metric=metric, n_resamples=n_resamples, allow_mixed=allow_mixed, seed=seed)
+    sweeps = [s for s in sweep_dirs if Path(s).suffix not in (".csv", ".parquet")]
+    if sweeps:
+        ctx.val_df = load_validation(sweeps)
     md = [f"# Report: {', '.join(str(s) for s in sweep_dirs)}", ""]
     try:
         comparable(df, metric, allow_mixed=allow_mixed)
         sections = _sections(ctx)
-    except ValueError as e:  # nothing evaluated yet: the overview only
-        md += [f"**No figures or fits**: {e}", ""]
-        sections = [("overview", overview)]
+    except ValueError as e:  # nothing evaluated yet: the overview, and what the validation loss says
+        md += [f"**No figures or fits of {metric}**: {e}", ""]
+        sections = [("overview", overview), ("compute-optimal", compute_optimal)]
     not_written = []
-    for name, section in sections:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            md += section(ctx)
-        except Exception as e:  # noqa: BLE001 - one failing section must not cost the others
-            not_written.append(name)
-            md += [f"**{name}: not written** ({type(e).__name__}: {cli.one_line(e)})", ""]
+            _start_optimal_jobs(ctx, pool)
+        except Exception as e:  # noqa: BLE001 - no second process here: the section computes in this one
+            ctx.optimal_jobs.clear()
+            warnings.warn(f"the compute-optimal fits run in this process ({cli.one_line(e)})", stacklevel=2)
+        for name, section in sections:
+            try:
+                md += section(ctx)
+            except Exception as e:  # noqa: BLE001 - one failing section must not cost the others
+                not_written.append(name)
+                md += [f"**{name}: not written** ({type(e).__name__}: {cli.one_line(e)})", ""]
     if not_written:
         md[2:2] = [f"Not written, see below: {', '.join(not_written)}.", ""]
     path = _write_text(out / "report.md", "\n".join(md))

@@ -207,6 +207,47 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
     return rows
 
 
+VALIDATION_COLUMNS = ("sweep", "cell_id", *CELL_COLUMNS, "state", "step", "images_seen", "train_compute_gflops",
+                      "val_loss", "val_loss_ema", "run_dir")
+
+
+def load_validation_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]:
+    """Returns one row per validation record of a run's current training (the last line of each step)."""
+    run_dir = Path(run_dir)
+    cell = _read_json(run_dir / CELL_FILE)
+    base = {"sweep": sweep if sweep is not None else run_dir.parent.name, "cell_id": cell.get("cell_id", run_dir.name),
+            "state": read_status(run_dir).get("state", "pending"), "run_dir": str(run_dir)}
+    for k in CELL_COLUMNS:
+        base[k] = cell.get(k, CELL_DEFAULTS.get(k))
+    records = {r["step"]: r for r in _read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r and "step" in r}
+    return [dict(base, step=int(step), images_seen=r.get("images_seen", step * (base["global_batch"] or 0)),
+                 val_loss=r["val_loss"], val_loss_ema=r.get("val_loss_ema", np.nan))
+            for step, r in sorted(records.items())]
+
+
+def load_validation(sweep_dirs: str | os.PathLike | list) -> pd.DataFrame:
+    """Returns the validation table: one row per (cell, validation record) of one or several sweep folders, with
+    the cell's facts, images seen and training compute (Gflop units, the paper's convention). The validation
+    loss is recorded often (every train.val_every steps), so the compute-optimal laws fit it
+    (harness.scaling: fit_joint_table, isoflop_profiles)."""
+    if isinstance(sweep_dirs, (str, os.PathLike)):
+        sweep_dirs = [sweep_dirs]
+    if not sweep_dirs:
+        raise ValueError("no sweep folder given")
+    rows = []
+    for sweep_dir in sweep_dirs:
+        for run_dir in run_dirs(sweep_dir):
+            try:
+                rows.extend(load_validation_run(run_dir, sweep=Path(sweep_dir).name))
+            except (ValueError, KeyError) as e:
+                warnings.warn(f"skipping run folder {run_dir}: {e}", stacklevel=2)
+    df = pd.DataFrame(rows, columns=list(VALIDATION_COLUMNS))
+    if len(df):
+        df["train_compute_gflops"] = _per_row(train_compute_gflops, df["gflops"], df["global_batch"], df["step"])
+        df = df.sort_values(["sweep", "cell_id", "step"], kind="stable").reset_index(drop=True)
+    return df
+
+
 def _per_row(fn, gflops, global_batch, steps) -> np.ndarray:
     """Returns fn(gflops, global_batch, steps) per row (flops takes scalars); NaN if one is missing."""
     return np.array(

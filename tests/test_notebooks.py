@@ -14,8 +14,10 @@ from harness.results import load_results, save_table
 
 NOTEBOOKS = sorted((REPO / "analysis").glob("*.ipynb"))
 EXPECTED = {
-    "figures": ["fig2_bubbles", "fig5_conditioning", "fig6_training", "fig8_gflops", "fig9_compute"],
+    "figures": ["fig2_bubbles", "fig5_conditioning", "fig6_training", "fig8_gflops", "fig9_compute", "fig12_metrics"],
     "scaling_laws": ["law_gflops", "law_compute"],
+    # The fixture's validation loss does not move with steps: the size_opt figure has no IsoFLOP minima to draw.
+    "compute_optimal": ["joint_law_predicted", "isoflop_profiles", "loss_to_fid"],
 }
 
 
@@ -29,9 +31,12 @@ def _ensure_kernel():
 
 @pytest.fixture(scope="module")
 def results_csv(tmp_path_factory):
+    """The paper fixture as a sweep folder and as a saved table: (folder, csv)."""
     root = tmp_path_factory.mktemp("nb")
-    # A saved table exercises the CSV path of `load`; a sweep folder is covered by the report test.
-    return save_table(load_results(make_paper_sweep(root / "paper", broken=True)), root / "results.csv")
+    sweep = make_paper_sweep(root / "paper", broken=True)
+    # A saved table exercises the CSV path of `load`; the compute-optimal notebook reads the validation records
+    # of the run folders, which only a sweep folder has.
+    return sweep, save_table(load_results(sweep), root / "results.csv")
 
 
 def test_every_notebook_is_listed():
@@ -49,7 +54,8 @@ def test_notebook_matches_its_py_pair(path):
 def test_notebook_executes_and_writes_figures(path, results_csv, tmp_path, monkeypatch):
     _ensure_kernel()
     fig_dir = tmp_path / "figs"
-    monkeypatch.setenv("HARNESS_RESULTS", str(results_csv))
+    sweep, csv = results_csv
+    monkeypatch.setenv("HARNESS_RESULTS", str(sweep if path.stem == "compute_optimal" else csv))
     monkeypatch.setenv("HARNESS_FIG_DIR", str(fig_dir))
     monkeypatch.setenv("HARNESS_RESAMPLES", "100")
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")

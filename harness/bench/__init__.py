@@ -16,6 +16,7 @@ matmul for the CPU or an unknown device. Nothing else in the harness imports thi
     python -m harness.bench loader --batch 256 --threads 1,2
     python -m harness.bench features
     python -m harness.bench plan [--repeats 3] [--grid "model=S patch=8,4"]
+    python -m harness.bench analysis [--records 10] [--resamples 1000]   # the report of a 48-cell sweep
     python -m harness.bench summarize GPU_CHECK_OUT_DIR
 """
 

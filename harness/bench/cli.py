@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from harness import bench, cli, throughput
+from harness.bench.analysis import bench_analysis
+from harness.bench.analysis import describe as describe_analysis
 from harness.bench.common import IMAGENET_CLASSES, VAES, Cell, environment, resolve_device, write_progress
 from harness.bench.features import bench_features
 from harness.bench.loader import bench_loader
@@ -59,7 +61,7 @@ def _split(text: str | None) -> list[str] | None:
 def parser() -> argparse.ArgumentParser:
     """Returns the command line's parser (one subcommand per benchmark, and `summarize`)."""
     p = cli.ArgumentParser(prog="python -m harness.bench", description=bench.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True)
     t = sub.add_parser("train", help="training step images/s, MFU, memory; ratios to fp32 eager")
     _cell_args(t)
@@ -89,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-import-time", action="store_true", help="skip timing `import harness.sweep` alone")
     pl.add_argument("--no-in-process", action="store_true", help="skip timing compose and plan_row in process")
     _output_args(pl)
+    an = sub.add_parser("analysis", help="seconds to write the report of a synthetic 48-cell sweep")
+    an.add_argument("--records", type=int, default=10, help="evaluations and validation records per cell")
+    an.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of every fit")
+    _output_args(an)
     sm = sub.add_parser("summarize", help="merge a GPU check folder into gpu_check.json and gpu_check.md")
     sm.add_argument("out_dir")
     return p
@@ -114,6 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     elif a.kind == "loader":
         threads = [int(x) for x in _split(a.threads)] if a.threads else [1, torch.get_num_threads()]
         record = bench_loader(a.batch, a.count, a.dtype, tuple(dict.fromkeys(threads)), a.steps, a.repeats)
+    elif a.kind == "analysis":
+        record = bench_analysis(a.records, a.resamples)
+        record["env"] = environment(argv)
+        write_progress(record, a.json_out)
+        print(json.dumps(record, indent=1, default=str) if a.json else describe_analysis(record), flush=True)
+        return record
     elif a.kind == "plan":
         record = bench_plan(tuple(a.grid.split()), a.repeats, import_time=not a.no_import_time,
                             in_process=not a.no_in_process)

@@ -1,0 +1,53 @@
+"""The layers of the harness are enforced by import-linter's contracts in pyproject.toml (`make test` runs
+`lint-imports`): they hold on the code, and a wrong-way import breaks them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    """Runs lint-imports on the package under `root` with the repository's contracts."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def copy_of_the_package(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("layers")
+    shutil.copytree(REPO / "harness", root / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    return root
+
+
+def test_the_contracts_hold(copy_of_the_package):
+    r = _lint(copy_of_the_package)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "Contracts: 2 kept, 0 broken." in r.stdout
+
+
+@pytest.mark.parametrize("module,bad_import,contract", [
+    ("harness/models.py", "import harness.bench", "nothing imports the benchmarks"),    # the domain, upwards
+    ("harness/cell.py", "import harness.sweep", "nothing imports the benchmarks"),      # the cell imports the sweep
+    ("harness/results.py", "import harness.flops", "imports nothing that builds torch models"),  # the analysis
+])
+def test_a_wrong_way_import_breaks_a_contract(copy_of_the_package, module, bad_import, contract):
+    path = copy_of_the_package / module
+    original = path.read_text()
+    path.write_text(original + f"\n{bad_import}  # noqa\n")
+    try:
+        r = _lint(copy_of_the_package)
+    finally:
+        path.write_text(original)
+    assert r.returncode != 0
+    assert "BROKEN" in r.stdout and contract in r.stdout.split("Broken contracts")[1], r.stdout[-3000:]
