@@ -736,6 +736,54 @@ def _warn(message: str, record: list[str]) -> None:
     record.append(message)
 
 
+def _check_inputs(samples_uint8, reference_uint8, metrics: tuple, device: str, batch_size: int) -> None:
+    """Raises ValueError naming what is wrong with compute_metrics' inputs."""
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"metrics={list(metrics)}: each must be one of {list(METRICS)} (at least one)")
+    _check_images(samples_uint8, "samples_uint8")
+    _check_images(reference_uint8, "reference_uint8")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device={device!r}: allowed 'cpu', 'cuda', 'cuda:N'")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    if min(len(samples_uint8), len(reference_uint8)) < 2:
+        raise ValueError(f"need at least 2 samples and 2 reference images, "
+                         f"got {len(samples_uint8)} and {len(reference_uint8)}")
+
+
+def _torch_fidelity_values(samples_uint8, reference_uint8, metrics: list[str], extractor: str, main, stats_id: str,
+                           settings: dict, cuda: bool) -> dict:
+    """Returns FID, IS, KID and precision/recall (those in `metrics`) from one torch-fidelity pass."""
+    try:
+        raw = torch_fidelity.calculate_metrics(
+            input1=_UInt8Images(samples_uint8), input2=_UInt8Images(reference_uint8),
+            cuda=cuda, batch_size=settings["batch_size"], feature_extractor=extractor,
+            feature_extractor_weights_path=main.weights_path,
+            isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics, prc="prc" in metrics,
+            # important: the cache name holds the content hash (torch-fidelity keys its cache by name only)
+            input2_cache_name=stats_id, cache_root=str(main.stats_root), cache=True,
+            kid_subsets=settings["kid_subsets"], kid_subset_size=settings["kid_subset_size"],
+            isc_splits=settings["isc_splits"], prc_neighborhood=PRC_NEIGHBORHOOD, rng_seed=METRICS_SEED,
+            save_cpu_ram=True,  # in-memory tensors: loader worker processes only cost start-up time
+            verbose=False,
+        )
+    except URLError as e:
+        raise MissingWeightsError(_offline_message(extractor)) from e
+    return {_RESULT_KEYS[k]: float(v) for k, v in raw.items() if k in _RESULT_KEYS}
+
+
+def _space_record(metric: str, space, dims: dict, stats_ids: dict) -> dict:
+    """Returns the record's description of one metric's feature space."""
+    rec = {"extractor": space.extractor, "layer": space.layer, "feature_dim": dims[(space.extractor, space.layer)],
+           "reference_stats_id": None if metric == "isc" else stats_ids[space.extractor]}
+    if metric == "sfid":
+        rec["source"] = getattr(_extractor_class(space.extractor), "SPATIAL_SOURCE", None)
+    if metric == "fd_dinov2":
+        rec["weights_url"] = dinov2_paths(space.extractor)["weights_url"]
+    return rec
+
+
 def compute_metrics(samples_uint8: np.ndarray, reference_uint8: np.ndarray, *, extractor: str, data_name: str,
                     split: str = "test", metrics=DEFAULT_METRICS, cache: Path | None = None, batch_size: int = 256,
                     device: str = "cpu", dinov2_model: str = DINOV2_EXTRACTOR) -> dict:
@@ -749,21 +797,10 @@ def compute_metrics(samples_uint8: np.ndarray, reference_uint8: np.ndarray, *, e
     "versions", "extractor_info" (digits: held-out accuracy and weights hash), "warnings"}.
     """
     metrics = tuple(dict.fromkeys(metrics))
-    bad = [m for m in metrics if m not in METRICS]
-    if bad or not metrics:
-        raise ValueError(f"metrics={list(metrics)}: each must be one of {list(METRICS)} (at least one)")
-    _check_images(samples_uint8, "samples_uint8")
-    _check_images(reference_uint8, "reference_uint8")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device={device!r}: allowed 'cpu', 'cuda', 'cuda:N'")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+    _check_inputs(samples_uint8, reference_uint8, metrics, device, batch_size)
     cuda = device != "cpu"
     cache = Path(cache) if cache is not None else cache_dir()
     num_samples, num_reference = len(samples_uint8), len(reference_uint8)
-    if min(num_samples, num_reference) < 2:
-        raise ValueError(f"need at least 2 samples and 2 reference images, "
-                         f"got {num_samples} and {num_reference}")
     record_warnings: list[str] = []
 
     cls = _extractor_class(extractor)
@@ -808,22 +845,8 @@ def compute_metrics(samples_uint8: np.ndarray, reference_uint8: np.ndarray, *, e
     with_fidelity = [m for m in metrics if m in _TORCH_FIDELITY_METRICS]
     if with_fidelity:
         t0 = time.perf_counter()
-        try:
-            raw = torch_fidelity.calculate_metrics(
-                input1=_UInt8Images(samples_uint8), input2=_UInt8Images(reference_uint8),
-                cuda=cuda, batch_size=batch_size, feature_extractor=extractor,
-                feature_extractor_weights_path=main.weights_path,
-                isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics, prc="prc" in metrics,
-                # important: the cache name holds the content hash (torch-fidelity keys its cache by name only)
-                input2_cache_name=stats_id, cache_root=str(main.stats_root), cache=True,
-                kid_subsets=settings["kid_subsets"], kid_subset_size=settings["kid_subset_size"],
-                isc_splits=settings["isc_splits"], prc_neighborhood=PRC_NEIGHBORHOOD, rng_seed=METRICS_SEED,
-                save_cpu_ram=True,  # in-memory tensors: loader worker processes only cost start-up time
-                verbose=False,
-            )
-        except URLError as e:
-            raise MissingWeightsError(_offline_message(extractor)) from e
-        values.update({_RESULT_KEYS[k]: float(v) for k, v in raw.items() if k in _RESULT_KEYS})
+        values.update(_torch_fidelity_values(samples_uint8, reference_uint8, with_fidelity, extractor, main, stats_id,
+                                             settings, cuda))
         wall_s["+".join(with_fidelity)] = time.perf_counter() - t0
     for m in metrics:
         if m not in _TORCH_FIDELITY_METRICS:  # one more pass over both sets, in another feature space
@@ -836,14 +859,7 @@ def compute_metrics(samples_uint8: np.ndarray, reference_uint8: np.ndarray, *, e
         if not np.isfinite(v):
             _warn(f"{k} is {v}", record_warnings)
 
-    feature_spaces = {}
-    for m, s in spaces.items():
-        feature_spaces[m] = {"extractor": s.extractor, "layer": s.layer, "feature_dim": dims[(s.extractor, s.layer)],
-                             "reference_stats_id": None if m == "isc" else stats_ids[s.extractor]}
-        if m == "sfid":
-            feature_spaces[m]["source"] = getattr(_extractor_class(s.extractor), "SPATIAL_SOURCE", None)
-        if m == "fd_dinov2":
-            feature_spaces[m]["weights_url"] = dinov2_paths(s.extractor)["weights_url"]
+    feature_spaces = {m: _space_record(m, sp, dims, stats_ids) for m, sp in spaces.items()}
     labels = {m: metric_label(spaces[m].extractor if m == "fd_dinov2" else extractor, m) for m in metrics}
     return {"metrics": values, "metric_label": metric_label(extractor), "metric_labels": labels,
             "extractor": extractor, "reference_stats_id": stats_id, "num_samples": num_samples,

@@ -1363,96 +1363,84 @@ def holdout_check(
     }
     joint = None
     try:
-        joint = fit_joint_law(
-            train["gflops"],
-            train["images_seen"],
-            train[metric],
-            train["cell_id"],
-            n_resamples,
-            seed,
-            level=level,
-            metric_name=metric,
-            label=_metric_label(metric),
-        )
-        pred = joint.predict(test["gflops"].to_numpy(), test["images_seen"].to_numpy())
-        lo, hi = joint.prediction_interval(test["gflops"].to_numpy(), test["images_seen"].to_numpy(), seed)
-        jrows = [
-            {"cell_id": str(c), "size": float(g), "images": float(i)}
-            | _interval_row(float(m), float(p), float(a), float(b))
-            for c, g, i, m, p, a, b in zip(
-                test["cell_id"], test["gflops"], test["images_seen"], test[metric], pred, lo, hi
-            )
-        ]
-        out["joint"] = {"rows": jrows, **_errors(jrows), "law": joint.describe()}
+        joint, out["joint"] = _holdout_joint(train, test, metric, n_resamples, seed, level)
     except ValueError as e:
         out["joint"] = {"error": str(e)}
-
     try:
-        cheap = isoflop_profiles(train, metric=metric, n_resamples=n_resamples, seed=seed, level=level, cond=None)
-        full = isoflop_profiles(rows, metric=metric, n_resamples=0, cond=None)
-        irows = []
-        for p in full.minima:
-            if not set(p["points"]["cell_id"]) & set(out["held_out_cells"]):
-                continue
-            c = p["budget"]
-            lo, hi = cheap.size_opt_interval(c)
-            irows.append(
-                {"budget_gflops": c} | _interval_row(p["size_opt"], float(cheap.size_opt(c)), float(lo), float(hi))
-            )
-        if not cheap.determined:
-            out["isoflop"] = {"error": f"on the cheaper cells, {'; '.join(cheap.notes)}"}
-        elif not irows:
-            out["isoflop"] = {
-                "error": "no budget where held-out cells take part has an IsoFLOP minimum inside the trained sizes"
-            }
-        else:
-            out["isoflop"] = {"rows": irows, **_errors(irows), "law": cheap.describe()}
+        out["isoflop"] = _holdout_isoflop(rows, train, set(out["held_out_cells"]), metric, n_resamples, seed, level)
     except ValueError as e:
         out["isoflop"] = {"error": str(e)}
-
     if eval_df is None:
         out["loss_to_fid"] = {"error": "no results table with FID given"}
         return to_plain(out)
     try:
-        frows, label = fid_points(eval_df, fid_metric, cond, allow_mixed)
-        held = frows["gflops"] >= cut
-        if not held.any():
-            raise ValueError(f"no held-out cell (Gflops >= {cut:g}) has an evaluation with {fid_metric} and val_loss")
-        fit = fit_loss_to_fid(
-            frows.loc[~held, "val_loss"],
-            frows.loc[~held, fid_metric],
-            frows.loc[~held, "cell_id"],
-            n_resamples,
-            seed,
-            level,
-            label,
-        )
-        if not fit.determined:
-            raise ValueError(f"{label} against loss on the cheaper cells is not determined ({fit.choice})")
-        t = frows[held]
-        pred = fit.predict(t["val_loss"].to_numpy())
-        lo, hi = fit.prediction_interval(t["val_loss"].to_numpy(), seed)
-        frows_out = [
-            {"cell_id": str(c), "step": int(s), "val_loss": float(v)}
-            | _interval_row(float(m), float(p), float(a), float(b))
-            for c, s, v, m, p, a, b in zip(t["cell_id"], t["step"], t["val_loss"], t[fid_metric], pred, lo, hi)
-        ]
-        out["loss_to_fid"] = {"rows": frows_out, **_errors(frows_out), "law": fit.describe()}
-        if joint is not None and joint.boot_thetas is not None and len(joint.boot_thetas):
-            size, images = t["gflops"].to_numpy(float), t["images_seen"].to_numpy(float)
-            # One record's loss scatters about the joint law, its FID about the loss -> FID law: both enter.
-            loss_draws = _with_scatter(joint.draws(size, images), joint.log_residuals, seed)
-            fid_draws = _with_scatter(fit.predict_draws(loss_draws), fit.log_residuals, seed + 1)
-            fid_lo, fid_hi = _percentile_ci(fid_draws, level)
-            fid_pt = fit.predict(joint.predict(size, images))
-            chain = [
-                {"cell_id": str(c), "step": int(s)} | _interval_row(float(m), float(p), float(a), float(b))
-                for c, s, m, p, a, b in zip(t["cell_id"], t["step"], t[fid_metric], fid_pt, fid_lo, fid_hi)
-            ]
-            out["fid_from_predicted_loss"] = {"rows": chain, **_errors(chain)}
+        out.update(_holdout_fid(eval_df, cut, joint, fid_metric, n_resamples, seed, level, cond, allow_mixed))
     except ValueError as e:
         out["loss_to_fid"] = {"error": str(e)}
     return to_plain(out)
+
+
+def _holdout_joint(train, test, metric, n_resamples, seed, level) -> tuple[JointLaw, dict]:
+    """Returns (the joint law of the cheaper cells, its prediction of each held-out record with intervals)."""
+    joint = fit_joint_law(train["gflops"], train["images_seen"], train[metric], train["cell_id"], n_resamples, seed,
+                          level=level, metric_name=metric, label=_metric_label(metric))
+    size, images = test["gflops"].to_numpy(), test["images_seen"].to_numpy()
+    pred = joint.predict(size, images)
+    lo, hi = joint.prediction_interval(size, images, seed)
+    rows = [{"cell_id": str(c), "size": float(g), "images": float(i)}
+            | _interval_row(float(m), float(p), float(a), float(b))
+            for c, g, i, m, p, a, b in zip(test["cell_id"], size, images, test[metric], pred, lo, hi)]
+    return joint, {"rows": rows, **_errors(rows), "law": joint.describe()}
+
+
+def _holdout_isoflop(rows, train, held_out: set, metric, n_resamples, seed, level) -> dict:
+    """Returns size_opt(C) of the cheaper cells against the IsoFLOP minima of all cells where held-out cells
+    take part, with intervals; {"error": why} when there is nothing to compare."""
+    cheap = isoflop_profiles(train, metric=metric, n_resamples=n_resamples, seed=seed, level=level, cond=None)
+    full = isoflop_profiles(rows, metric=metric, n_resamples=0, cond=None)
+    out = []
+    for p in full.minima:
+        if not set(p["points"]["cell_id"]) & held_out:
+            continue
+        c = p["budget"]
+        lo, hi = cheap.size_opt_interval(c)
+        out.append({"budget_gflops": c} | _interval_row(p["size_opt"], float(cheap.size_opt(c)), float(lo), float(hi)))
+    if not cheap.determined:
+        return {"error": f"on the cheaper cells, {'; '.join(cheap.notes)}"}
+    if not out:
+        return {"error": "no budget where held-out cells take part has an IsoFLOP minimum inside the trained sizes"}
+    return {"rows": out, **_errors(out), "law": cheap.describe()}
+
+
+def _holdout_fid(eval_df, cut, joint, fid_metric, n_resamples, seed, level, cond, allow_mixed) -> dict:
+    """Returns {"loss_to_fid": FID of held-out evaluations from their measured loss, and, with a joint law,
+    "fid_from_predicted_loss": from the loss the joint law predicts}, each with prediction intervals."""
+    frows, label = fid_points(eval_df, fid_metric, cond, allow_mixed)
+    held = frows["gflops"] >= cut
+    if not held.any():
+        raise ValueError(f"no held-out cell (Gflops >= {cut:g}) has an evaluation with {fid_metric} and val_loss")
+    cheap = frows[~held]
+    fit = fit_loss_to_fid(cheap["val_loss"], cheap[fid_metric], cheap["cell_id"], n_resamples, seed, level, label)
+    if not fit.determined:
+        raise ValueError(f"{label} against loss on the cheaper cells is not determined ({fit.choice})")
+    t = frows[held]
+    pred = fit.predict(t["val_loss"].to_numpy())
+    lo, hi = fit.prediction_interval(t["val_loss"].to_numpy(), seed)
+    rows = [{"cell_id": str(c), "step": int(s), "val_loss": float(v)}
+            | _interval_row(float(m), float(p), float(a), float(b))
+            for c, s, v, m, p, a, b in zip(t["cell_id"], t["step"], t["val_loss"], t[fid_metric], pred, lo, hi)]
+    out = {"loss_to_fid": {"rows": rows, **_errors(rows), "law": fit.describe()}}
+    if joint is not None and joint.boot_thetas is not None and len(joint.boot_thetas):
+        size, images = t["gflops"].to_numpy(float), t["images_seen"].to_numpy(float)
+        # One record's loss scatters about the joint law, its FID about the loss -> FID law: both enter.
+        loss_draws = _with_scatter(joint.draws(size, images), joint.log_residuals, seed)
+        fid_draws = _with_scatter(fit.predict_draws(loss_draws), fit.log_residuals, seed + 1)
+        fid_lo, fid_hi = _percentile_ci(fid_draws, level)
+        fid_pt = fit.predict(joint.predict(size, images))
+        chain = [{"cell_id": str(c), "step": int(s)} | _interval_row(float(m), float(p), float(a), float(b))
+                 for c, s, m, p, a, b in zip(t["cell_id"], t["step"], t[fid_metric], fid_pt, fid_lo, fid_hi)]
+        out["fid_from_predicted_loss"] = {"rows": chain, **_errors(chain)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1533,19 +1521,40 @@ def compute_optimal_summary(
         "sizes_trained": [float(rows["gflops"].min()), float(rows["gflops"].max())],
     }
 
+    joint, iso, fid = _summary_fits(rows, eval_df, out, notes, metric, fid_metric, cond, allow_mixed, n_resamples,
+                                    seed, level, fits)
+    out["budgets"] = _budget_rows(budgets, beyond, joint, iso, fid, out["sizes_trained"], metric, level)
+    lo_size, hi_size = out["sizes_trained"]
+    if any(b["size_outside_trained"] for b in out["budgets"]):
+        notes.append(
+            f"some compute-optimal sizes lie outside the sizes trained ({lo_size:.3g} to {hi_size:.3g} Gflops): "
+            "the law is extrapolated there"
+        )
+    if any(b["fid_loss_extrapolated"] for b in out["budgets"]):
+        notes.append(
+            f"some predicted losses lie outside the losses of the FID fit ({fid.loss_range[0]:.4g} to "
+            f"{fid.loss_range[1]:.4g}): their FID is extrapolated"
+        )
+    try:
+        out["holdout"] = holdout_check(
+            val_df, eval_df, 1, metric, fid_metric, holdout_resamples, seed, level, cond, allow_mixed
+        )
+    except ValueError as e:
+        out["holdout"] = {"error": str(e)}
+        notes.append(f"no held-out check: {e}")
+    out["notes"] = notes
+    return to_plain(out)
+
+
+def _summary_fits(rows, eval_df, out, notes, metric, fid_metric, cond, allow_mixed, n_resamples, seed, level,
+                  fits) -> tuple:
+    """Fits the joint law, the IsoFLOP profiles and loss -> FID for the summary; records each (or why not) in
+    `out` and `notes`, and the objects in `fits` when given. Returns (joint, iso, fid); None where not fitted,
+    and fid None when FID against loss is not determined."""
     joint = iso = fid = None
     try:
-        joint = fit_joint_law(
-            rows["gflops"],
-            rows["images_seen"],
-            rows[metric],
-            rows["cell_id"],
-            n_resamples,
-            seed,
-            level=level,
-            metric_name=metric,
-            label=_metric_label(metric),
-        )
+        joint = fit_joint_law(rows["gflops"], rows["images_seen"], rows[metric], rows["cell_id"], n_resamples, seed,
+                              level=level, metric_name=metric, label=_metric_label(metric))
         out["joint_law"] = joint.to_dict()
         undetermined = [k for k, ok in joint.determined.items() if not ok]
         if undetermined:
@@ -1555,9 +1564,8 @@ def compute_optimal_summary(
                 f"{100 * NEGLIGIBLE_FRAC:g}% of the smallest value)"
             )
         if not joint.optimum_determined:
-            notes.append(
-                "joint law: the compute-optimal size and images are not determined (they need A, B, alpha, beta)"
-            )
+            notes.append("joint law: the compute-optimal size and images are not determined (they need A, B, alpha, "
+                         "beta)")
     except ValueError as e:
         out["joint_law"] = {"error": str(e)}
         notes.append(f"joint law not fitted: {e}")
@@ -1568,28 +1576,31 @@ def compute_optimal_summary(
     except ValueError as e:
         out["isoflop"] = {"error": str(e)}
         notes.append(f"IsoFLOP profiles not drawn: {e}")
+    if fits is not None:
+        fits.update(joint=joint, isoflop=iso, loss_to_fid=None)
     if eval_df is None:
         out["loss_to_fid"] = {"error": "no results table with FID given"}
         notes.append("no FID predictions: no results table given")
-    else:
-        try:
-            fid = fit_loss_to_fid_table(eval_df, fid_metric, cond, allow_mixed, n_resamples, seed, level)
-            if fits is not None:
-                fits["loss_to_fid"] = fid
-            out["loss_to_fid"] = fid.to_dict()
-            notes.append(f"loss -> FID: {fid.choice}")
-            if not fid.determined:
-                notes.append("no FID predictions: FID against loss is not determined")
-                fid = None
-        except ValueError as e:
-            out["loss_to_fid"] = {"error": str(e)}
-            notes.append(f"no FID predictions: {e}")
+        return joint, iso, None
+    try:
+        fid = fit_loss_to_fid_table(eval_df, fid_metric, cond, allow_mixed, n_resamples, seed, level)
+        if fits is not None:
+            fits["loss_to_fid"] = fid
+        out["loss_to_fid"] = fid.to_dict()
+        notes.append(f"loss -> FID: {fid.choice}")
+        if not fid.determined:
+            notes.append("no FID predictions: FID against loss is not determined")
+            fid = None
+    except ValueError as e:
+        out["loss_to_fid"] = {"error": str(e)}
+        notes.append(f"no FID predictions: {e}")
+    return joint, iso, fid
 
-    if fits is not None:
-        fits.update(joint=joint, isoflop=iso)
-        fits.setdefault("loss_to_fid", None)
-    lo_size, hi_size = out["sizes_trained"]
-    per = []
+
+def _budget_rows(budgets, beyond, joint, iso, fid, sizes_trained, metric, level) -> list[dict]:
+    """Returns a row per budget: compute-optimal size, images, metric and FID with intervals (None when not
+    determined), the IsoFLOP size_opt, and whether the size or the loss is extrapolated."""
+    lo_size, hi_size = sizes_trained
     ok = joint is not None and joint.optimum_determined
     if ok:
         size, images = joint.optimal(budgets)
@@ -1599,6 +1610,7 @@ def compute_optimal_summary(
         if fid is not None:
             f_pt = fid.predict(loss_pt)
             f_lo, f_hi = _percentile_ci(fid.predict_draws(l_draws), level)
+    per = []
     for j, c in enumerate(budgets):
         b = {"compute_gflops": float(c), "beyond_sweep": bool(beyond[j])}
         b["size_opt"] = _value(size[j], s_lo[j], s_hi[j]) if ok else None
@@ -1615,26 +1627,7 @@ def compute_optimal_summary(
         else:
             b["isoflop_size_opt"] = None
         per.append(b)
-    out["budgets"] = per
-    if any(b["size_outside_trained"] for b in per):
-        notes.append(
-            f"some compute-optimal sizes lie outside the sizes trained ({lo_size:.3g} to {hi_size:.3g} Gflops): "
-            "the law is extrapolated there"
-        )
-    if any(b["fid_loss_extrapolated"] for b in per):
-        notes.append(
-            f"some predicted losses lie outside the losses of the FID fit ({fid.loss_range[0]:.4g} to "
-            f"{fid.loss_range[1]:.4g}): their FID is extrapolated"
-        )
-    try:
-        out["holdout"] = holdout_check(
-            val_df, eval_df, 1, metric, fid_metric, holdout_resamples, seed, level, cond, allow_mixed
-        )
-    except ValueError as e:
-        out["holdout"] = {"error": str(e)}
-        notes.append(f"no held-out check: {e}")
-    out["notes"] = notes
-    return to_plain(out)
+    return per
 
 
 def _fmt_value(v: dict | None, fmt: str = ".3g") -> str:
