@@ -22,7 +22,15 @@ from pathlib import Path
 import pandas as pd
 
 from harness import cli, plots, plots_optimal, scaling
-from harness.results import comparable, load, load_validation, save_table, variant, variants
+from harness.results import (
+    comparable,
+    learning_rate_table,
+    load,
+    load_validation,
+    save_table,
+    variant,
+    variants,
+)
 from harness.runfolder import atomic_write_bytes
 
 REPORT_DIR = "report"
@@ -218,7 +226,9 @@ def frontier(ctx: Context) -> list[str]:
 
 def _eval_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The unguided evaluations (the grid's protocol): what the loss-to-FID map is fitted to."""
-    return df[~df["guided"].fillna(False).astype(bool)] if "guided" in df else df
+    if "guided" not in df:
+        return df
+    return df[~df["guided"].astype(object).eq(True)]  # NaN (not evaluated) or False: unguided
 
 
 # file name -> (title, the fit it needs, how to draw it from the fits)
@@ -311,13 +321,26 @@ def _compute_optimal(ctx: Context, val_df: pd.DataFrame, eval_df: pd.DataFrame, 
     return md
 
 
+def learning_rates(ctx: Context) -> list[str]:
+    """The learning-rate table of a sweep that varies train.lr (muP's transfer check); nothing otherwise."""
+    if ctx.val_df is None or ctx.val_df.empty or ctx.val_df["lr"].nunique() < 2:
+        return []
+    table, best = learning_rate_table(ctx.val_df)
+    flat = table.reset_index()
+    flat.columns = [c if isinstance(c, str) else f"lr {c:g}" for c in flat.columns]
+    return ["## Learning rates", "", "Final validation loss of each cell by learning rate (the last validation "
+            "record); under muP the best rate found at one width should hold at the others (docs/mup.md).", "",
+            _md_table(flat), "", _md_table(best.reset_index()), ""]
+
+
 def _sections(ctx: Context) -> list[tuple[str, Callable[[Context], list[str]]]]:
     """The page, in order: (name, section). Figures come after the fits they draw."""
     figures = [(name, lambda c, n=name: figure(c, n)) for name in FIGURES]
     return ([("overview", overview), ("fits", fit_laws), ("figures header", lambda c: ["## Figures", ""])]
             + figures + [("paper note", paper_note), ("table 4", table4), ("scaling laws", laws),
                          ("correlation", correlation), ("held-out extrapolation", held_out),
-                         ("compute frontier", frontier), ("compute-optimal", compute_optimal)])
+                         ("compute frontier", frontier), ("learning rates", learning_rates),
+                         ("compute-optimal", compute_optimal)])
 
 
 def build_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: str = "fid",
@@ -341,7 +364,7 @@ def build_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: s
         sections = _sections(ctx)
     except ValueError as e:  # nothing evaluated yet: the overview, and what the validation loss says
         md += [f"**No figures or fits of {metric}**: {e}", ""]
-        sections = [("overview", overview), ("compute-optimal", compute_optimal)]
+        sections = [("overview", overview), ("learning rates", learning_rates), ("compute-optimal", compute_optimal)]
     not_written = []
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:

@@ -248,6 +248,21 @@ def load_validation(sweep_dirs: str | os.PathLike | list) -> pd.DataFrame:
     return df
 
 
+def learning_rate_table(val_df: pd.DataFrame, metric: str = "val_loss") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Returns (final `metric` of each cell by learning rate: a row per (objective, parametrization, model,
+    patch), a column per lr; the best lr of each row with its value): the learning-rate transfer check of
+    muP (Yang et al., Tensor Programs V), read from the cells' last validation records. ValueError when the
+    table holds one learning rate."""
+    if val_df.empty or val_df["lr"].nunique() < 2:
+        raise ValueError(f"the sweep trains {val_df['lr'].nunique() if len(val_df) else 0} learning rate(s); "
+                         "a learning-rate table needs at least 2")
+    last = val_df.sort_values("step").groupby("cell_id").tail(1)
+    keys = ["objective", "parametrization", "model", "patch"]
+    table = last.pivot_table(index=keys, columns="lr", values=metric, aggfunc="mean")
+    best = pd.DataFrame({"best_lr": table.idxmin(axis=1), f"best_{metric}": table.min(axis=1)})
+    return table, best
+
+
 def _per_row(fn, gflops, global_batch, steps) -> np.ndarray:
     """Returns fn(gflops, global_batch, steps) per row (flops takes scalars); NaN if one is missing."""
     return np.array(

@@ -99,8 +99,10 @@ def plan_row(cfg: Any, rate: float) -> dict:
             "resources": cell_resources(cfg, gpu_hours)}
 
 
-def format_plan(rows: list[dict], states: dict[str, str], rate: float) -> str:
-    """Returns the plan as a table: one line per cell with its cost and what the sweep will do with it."""
+def format_plan(rows: list[dict], states: dict[str, str], rate: float, notes: dict[str, str] | None = None) -> str:
+    """Returns the plan as a table: one line per cell with its cost and what the sweep will do with it
+    (`states`: the cells it skips and why; `notes`: what a cell it runs still needs, default "to run")."""
+    notes = notes or {}
     head = (f"{'cell':<52} {'objective':>9} {'params':>9} {'Gflops':>8} {'train Gflops':>12} {'GPU-h':>8}"
             f" {'GPUs':>4}  state")
     lines = [head, "-" * len(head)]
@@ -109,7 +111,7 @@ def format_plan(rows: list[dict], states: dict[str, str], rate: float) -> str:
         lines.append(
             f"{r['cell_id']:<52} {r['objective']:>9} {r['params'] / 1e6:>8.2f}M {r['gflops']:>8.3g}"
             f" {r['train_compute_gflops']:>12.3e} {r['est_gpu_hours']:>8.2f} {res['gpus_per_node'] * res['nodes']:>4}"
-            f"  {states.get(r['cell_id'], 'to run')}"
+            f"  {states.get(r['cell_id'], notes.get(r['cell_id'], 'to run'))}"
         )
     skipped = [r for r in rows if r["cell_id"] in states]
     total = sum(r["est_gpu_hours"] for r in rows)
@@ -186,14 +188,16 @@ class GridSweep:
             _fail(_problem_list(f"{sweep_dir} already holds results that would mix with this grid's:", conflicts,
                                 "nothing was created or submitted (use another sweep_name=... or out_dir=..., or "
                                 "move the old run folders away)"))
-        states = {}
+        states, notes = {}, {}  # cells skipped (and why); what a cell still to run needs
         for _, c in cfgs:
             if cell_done(c):
                 states[cell_id(c)] = "done, skipped"
             elif (holder := held_elsewhere(c)) is not None:
                 states[cell_id(c)] = f"held by {holder}; skipped"
+            elif _trained(c, run_dir_for(c)):
+                notes[cell_id(c)] = "trained; evaluations to do"
         print(f"sweep folder: {sweep_dir.resolve()}", flush=True)
-        print(format_plan(rows, states, rate), flush=True)
+        print(format_plan(rows, states, rate, notes), flush=True)
         if self.config.plan:
             return []
 
