@@ -420,7 +420,7 @@ def run_cell(cfg: DictConfig) -> dict:
         if env.is_main:
             prepare_run_dir(cfg)
         distributed.barrier()
-        with hold(run_dir, "sweep", env, wait_s):
+        with hold(run_dir, "sweep", env, wait_s) as held:
             if cell_done(cfg):  # done by whoever held the folder while this task waited for it
                 return {"run_dir": str(run_dir), "state": "finished", "note": "done by another process"}
             try:
@@ -430,7 +430,7 @@ def run_cell(cfg: DictConfig) -> dict:
             except Exception as e:  # noqa: BLE001 - a failed cell records why and lets the others go on
                 log.exception("cell %s failed", run_dir.name)
                 reason = f"{type(e).__name__}: {_first_line(e)}"
-                if env.is_main:
+                if env.is_main and not held.lost:  # a folder taken over is not ours to write
                     try:
                         update_status(run_dir, state="failed", reason=reason)
                     except OSError:

@@ -343,8 +343,8 @@ def train(cfg: Any) -> dict:
             return _loop(cfg, env, run_dir, stepper, progress, order, dataset, codec, held)
         except Preempted:
             raise
-        except BaseException as e:  # whatever stopped it, status.json must not say `running`
-            if env.is_main:
+        except BaseException as e:  # whatever stopped it, status.json must not say `running`...
+            if env.is_main and not held.lost:  # ...unless the folder is another process's now: not ours to write
                 _record_failure(run_dir, progress.step, e)
             raise
 
