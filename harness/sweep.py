@@ -218,7 +218,9 @@ class GridSweep:
             raise SystemExit(cli.FAILED_EXIT)
         done = sum(1 for s in states.values() if s.startswith("done"))
         held = len(states) - done
-        print(f"sweep {sweep_dir}: {len(rows)} cells, {done} already done, {len(todo)} run now"
+        elsewhere = sum(1 for _, value in outcomes if value.get("note") == DONE_ELSEWHERE)
+        print(f"sweep {sweep_dir}: {len(rows)} cells, {done} already done, {len(todo) - elsewhere} run now"
+              + (f", {elsewhere} done by another process while this sweep waited for them" if elsewhere else "")
               + (f", {held} held by other processes (relaunch when they finish)" if held else ""), flush=True)
         if unwritten:
             print(f"not written in the report: {', '.join(unwritten)} (see report.md)", flush=True)
@@ -406,6 +408,9 @@ def _first_line(e: Any) -> str:
 
 # ---- the task: one cell ----
 
+DONE_ELSEWHERE = "done by another process"  # run_cell's note for a cell finished while its task waited
+
+
 def run_cell(cfg: DictConfig) -> dict:
     """Train the cell (resuming), then evaluate its configured checkpoints; never raises for a cell failure.
 
@@ -422,7 +427,7 @@ def run_cell(cfg: DictConfig) -> dict:
         distributed.barrier()
         with hold(run_dir, "sweep", env, wait_s) as held:
             if cell_done(cfg):  # done by whoever held the folder while this task waited for it
-                return {"run_dir": str(run_dir), "state": "finished", "note": "done by another process"}
+                return {"run_dir": str(run_dir), "state": "finished", "note": DONE_ELSEWHERE}
             try:
                 return _run_stages(cfg, run_dir, env)
             except Preempted:
