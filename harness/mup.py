@@ -21,18 +21,14 @@ import re
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+from mup import get_shapes, make_base_shapes, zip_infshapes
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from mup import get_shapes, make_base_shapes, zip_infshapes  # noqa: E402
-
-from harness import cli  # noqa: E402
-from harness.diffusion import create_diffusion  # noqa: E402
-from harness.models import PARAMETRIZATIONS, DiT, Readout  # noqa: E402
+from harness import cli
+from harness.diffusion import create_diffusion
+from harness.models import PARAMETRIZATIONS, DiT, Readout
 
 # How muP treats a parameter (TP5 Table 3), in the order param_groups lists them:
 #   input:  weight from a fixed-size input to the width (patch embedding, timestep MLP's first layer,
@@ -203,6 +199,12 @@ def plot_coord_check(widths, sizes, title, path):
     (sizes: {parametrization: {group: (steps + 1, widths) array}}), one column per step from 1 (step 0 is
     the init, where adaLN-Zero's modulation and readout are exactly 0), one line per layer group; one y
     scale for all panels, so the rows compare directly."""
+    # Imported here: the trainer imports this module, and a training job draws no figure.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
     rows = list(sizes)
     steps = next(iter(sizes[rows[0]].values())).shape[0] - 1
     fig, axes = plt.subplots(len(rows), steps, figsize=(3.1 * steps + 1.8, 2.9 * len(rows)), sharex=True,

@@ -51,3 +51,17 @@ def test_a_wrong_way_import_breaks_a_contract(copy_of_the_package, module, bad_i
         path.write_text(original)
     assert r.returncode != 0
     assert "BROKEN" in r.stdout and contract in r.stdout.split("Broken contracts")[1], r.stdout[-3000:]
+
+
+# What the training side must not load when it starts: the evaluation's and the analysis's packages. A sweep's
+# plan and every training job import harness.sweep / harness.train; these cost seconds a cell never uses.
+HEAVY_FOR_TRAINING = ("torch_fidelity", "torchvision", "matplotlib", "pandas", "scipy", "fvcore", "sklearn")
+
+
+@pytest.mark.parametrize("module", ["harness.sweep", "harness.train"])
+def test_the_training_side_starts_without_the_analysis_packages(module):
+    code = (f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & "
+            f"set({HEAVY_FOR_TRAINING!r}))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [], f"importing {module} loads {out.stdout.strip()}"
