@@ -32,11 +32,13 @@ import os
 from harness import plots, plots_optimal, scaling
 from harness.results import load, load_validation
 
-SWEEP_DIRS = ["../outputs/scaling"]
+# The CPU study (python -m harness.sweep -m sweeps=scaling) when it has run, else the demo of `make demo`.
+SWEEP_DIRS = ["../outputs/scaling"] if os.path.isdir("../outputs/scaling") else ["../outputs/demo"]
 if os.environ.get("HARNESS_RESULTS"):
     SWEEP_DIRS = os.environ["HARNESS_RESULTS"].split(os.pathsep)
 FIG_DIR = os.environ.get("HARNESS_FIG_DIR", "figures")
 N_RESAMPLES = int(os.environ.get("HARNESS_RESAMPLES", "1000"))
+print(f"sweep folders: {SWEEP_DIRS}")
 
 
 def draw(name, make):

@@ -96,7 +96,7 @@ def tiny_vae(seed: int = 0):
 
 def load_vae(source: str):
     """Returns an AutoencoderKL (eval mode) from a hub id, a local folder or TINY_VAE; clear error offline."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # seconds to import; only the image-space data sets need a VAE
 
     def from_pretrained(*args, **kwargs):
         with warnings.catch_warnings():
@@ -146,7 +146,7 @@ def vae_geometry(source: str) -> tuple[int, int]:
         else:
             raise ValueError(f"VAE folder {source!r} has no config.json (nor vae/config.json)")
     else:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # as in load_vae
 
         try:
             config = AutoencoderKL.load_config(source, local_files_only=True)

@@ -65,7 +65,8 @@ _UNCOUNTED_OPS = {
 #################################################################################
 
 def _import_fvcore():
-    """Returns fvcore's FlopCountAnalysis and get_shape, imported quietly (it warns about torch.jit)."""
+    """Returns fvcore's FlopCountAnalysis and get_shape, imported quietly (it warns about torch.jit) and only
+    when a count traces: the plan counts in closed form and need not load fvcore."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis

@@ -22,7 +22,7 @@ import pandas as pd
 from scipy import optimize, stats
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-from harness.results import comparable, comparison_step
+from harness.results import comparable, comparison_step, paper_results
 
 HUBER_DELTA = 1e-3  # Besiroglu et al. 2024, following Hoffmann et al. 2022
 FORMS = ("power", "floor")
@@ -523,6 +523,5 @@ def gflops_correlation(
 
 def paper_correlations() -> dict:
     """Returns `correlations` on the paper's Table 4 (12 adaLN-Zero models, FID-50K at 400K steps)."""
-    from harness.results import paper_results
 
     return gflops_correlation(paper_results())

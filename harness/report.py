@@ -23,6 +23,7 @@ import pandas as pd
 
 from harness import cli, plots, plots_optimal, scaling
 from harness.results import (
+    METRIC_NAMES,
     comparable,
     learning_rate_table,
     load,
@@ -63,6 +64,7 @@ class Report:
     path: Path
     not_written: list[str] = field(default_factory=list)
     correlation: dict | None = None
+    last: pd.DataFrame | None = None  # each cell's last evaluation (last_evaluations)
 
 
 @dataclass
@@ -101,6 +103,25 @@ def _md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
 
 # ---- the sections: each returns its Markdown lines (and may raise; the page then says why) ----
 
+LAST_COLUMNS = ("cell_id", "gflops", "step", "num_samples", "extractor", "cfg_scale", "fid", "sfid", "isc_mean",
+                "precision", "recall", "fd_dinov2")
+ALWAYS_SHOWN = ("cell_id", "gflops", "step", "num_samples", "extractor")
+
+
+def last_evaluations(df: pd.DataFrame) -> pd.DataFrame:
+    """Returns each cell's last evaluation (one row per cell and evaluation setting), smallest model first,
+    with the metrics measured: the table a sweep prints when it ends and the report's overview shows."""
+    rows = df[df["evaluated"].astype(bool)]
+    if rows.empty:
+        return rows.reindex(columns=["cell_id", "gflops", "step"])
+    keys = ["cell_id", "settings_hash"] if "settings_hash" in rows else ["cell_id"]
+    last = rows.sort_values("step").groupby(keys, dropna=False, sort=False).tail(1)
+    cols = [c for c in LAST_COLUMNS if c in last and (c in ALWAYS_SHOWN or last[c].notna().any())]
+    if "cfg_scale" in cols and (last["cfg_scale"].fillna(1.0) == 1.0).all():
+        cols.remove("cfg_scale")  # unguided throughout: nothing to tell apart
+    return last.sort_values(["gflops", "cell_id"])[cols].reset_index(drop=True)
+
+
 def overview(ctx: Context) -> list[str]:
     cells = ctx.df.drop_duplicates("cell_id")
     md = [f"{len(cells)} cells, {int(ctx.df['evaluated'].sum())} evaluations; cells by state: "
@@ -108,6 +129,9 @@ def overview(ctx: Context) -> list[str]:
     unfinished = cells[cells["state"] != "finished"]
     if len(unfinished):
         md += ["Cells not finished:", "", _md_table(unfinished[["cell_id", "state", "reason", "step"]]), ""]
+    last = last_evaluations(ctx.df)
+    if len(last):
+        md += ["Each cell's last evaluation:", "", _md_table(last.rename(columns=METRIC_NAMES)), ""]
     return md
 
 
@@ -381,7 +405,7 @@ def build_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: s
     if not_written:
         md[2:2] = [f"Not written, see below: {', '.join(not_written)}.", ""]
     path = _write_text(out / "report.md", "\n".join(md))
-    return Report(path=path, not_written=not_written, correlation=ctx.correlation)
+    return Report(path=path, not_written=not_written, correlation=ctx.correlation, last=last_evaluations(df))
 
 
 def write_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: str = "fid",

@@ -34,7 +34,8 @@ PAPER_NUM_SAMPLES = 50_000  # FID-50K (paper, Table 4)
 PAPER_GLOBAL_BATCH = 256  # paper, section 5: every cell of the grid trains with batch 256
 DIGITS_EXTRACTOR_PREFIX = "digits"
 # Metric keys of an evaluation record, in the order tables show them.
-METRICS = ("fid", "sfid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall")
+METRICS = ("fid", "sfid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "fd_dinov2")
+OWN_SPACE_METRICS = ("fd_dinov2",)  # measured in their own feature space, whatever the record's extractor
 METRIC_NAMES = {
     "fid": "FID",
     "sfid": "sFID",
@@ -44,6 +45,7 @@ METRIC_NAMES = {
     "kid_std": "KID std",
     "precision": "Precision",
     "recall": "Recall",
+    "fd_dinov2": "FD-DINOv2",
     "val_loss": "validation loss",
 }
 # Evaluation settings carried into the table: they decide whether two numbers are comparable.
@@ -321,7 +323,8 @@ def metric_label(metric: str, num_samples: float | None = None, extractor: str |
     name = METRIC_NAMES.get(metric, metric)
     if num_samples is not None and not pd.isna(num_samples) and metric in METRICS:
         name = f"{name}-{format_samples(num_samples)}"
-    if extractor and not pd.isna(extractor) and extractor != PAPER_EXTRACTOR and metric in METRICS:
+    if (extractor and not pd.isna(extractor) and extractor != PAPER_EXTRACTOR and metric in METRICS
+            and metric not in OWN_SPACE_METRICS):
         short = "digits" if str(extractor).startswith(DIGITS_EXTRACTOR_PREFIX) else str(extractor)
         name = f"{name} ({short} extractor)"
     return name

@@ -377,8 +377,8 @@ def _record_sweep(sweep_dir: Path, config: DictConfig, ids: list[str]) -> None:
 
 
 def _write_report(sweep_dir: Path) -> list[str]:
-    """Writes the report, prints the paths of its table and FID-vs-Gflops figure and the measured
-    correlation; returns the names of what could not be written (never raises)."""
+    """Writes the report, prints each cell's last evaluation, the paths of the table and the FID-vs-Gflops
+    figure and the measured correlation; returns the names of what could not be written (never raises)."""
     # Here, not at the top: the analysis stack (pandas, scipy, matplotlib) takes seconds to import, and the plan
     # of a grid must be instant; it is needed only once the cells are done.
     from harness.report import build_report
@@ -388,6 +388,9 @@ def _write_report(sweep_dir: Path) -> list[str]:
     except Exception as e:  # noqa: BLE001 - a report problem must not hide the cells' results
         log.error("the report could not be written: %s", e)
         return ["the whole report"]
+    if report.last is not None and len(report.last):
+        print("each cell's last evaluation:\n" + report.last.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+              flush=True)
     for name in ("results.csv", "fig8_gflops.png", "report.md"):
         if (report.path.parent / name).exists():
             print(f"{name:<16} {report.path.parent / name}", flush=True)

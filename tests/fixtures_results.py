@@ -176,17 +176,20 @@ def make_paper_sweep(
     return sweep
 
 
-# A sweep like outputs/demo: sizes off the paper's grid, the digits data set and extractor, 500 samples,
-# 300 steps. (model, patch) -> (gflops, params, FID at DEMO_STEPS), values as measured in the demo sweep.
-DEMO_STEPS = (150, 300)
+# A sweep like outputs/demo: sizes off the paper's grid, the digits data set at 8x8 and its extractor, FID-500
+# at 1K, 2K and 3K steps, validation loss every 500 steps. (model, patch) -> (gflops, params, FID at DEMO_STEPS,
+# validation loss at DEMO_VAL_STEPS), values as measured by `make demo` (2026-11-30).
+DEMO_STEPS = (1000, 2000, 3000)
+DEMO_VAL_STEPS = (500, 1000, 1500, 2000, 2500, 3000)
 DEMO_BATCH = 64
+DEMO_SIZE = 8
 DEMO_CELLS = {
-    ("demo-S", 8): (0.0005256, 191_500, (822.0, 242.6)),
-    ("demo-S", 4): (0.00177, 182_200, (801.0, 126.7)),
-    ("demo-S", 2): (0.007487, 179_800, (120.3, 157.0)),
-    ("demo-B", 8): (0.00374, 1_296_000, (760.0, 73.23)),
-    ("demo-B", 4): (0.01344, 1_277_000, (240.1, 48.52)),
-    ("demo-B", 2): (0.05517, 1_273_000, (122.2, 117.5)),
+    ("demo-S", 8): (0.000188992, 191_488, (231.21, 181.52, 136.97), (0.1778, 0.1601, 0.1491, 0.1427, 0.138, 0.1356)),
+    ("demo-S", 4): (0.000488704, 182_176, (41.58, 18.91, 11.19), (0.1436, 0.1245, 0.1161, 0.11, 0.1054, 0.1004)),
+    ("demo-S", 2): (0.001733632, 179_848, (46.01, 20.2, 9.89), (0.1491, 0.128, 0.1177, 0.1094, 0.1019, 0.097)),
+    ("demo-B", 8): (0.00128832, 1_296_000, (23.62, 16.45, 12.6), (0.1375, 0.1212, 0.1139, 0.1083, 0.106, 0.1004)),
+    ("demo-B", 4): (0.003666432, 1_277_472, (17.6, 8.02, 6.04), (0.1287, 0.1085, 0.0985, 0.0959, 0.0949, 0.0901)),
+    ("demo-B", 2): (0.0133632, 1_272_840, (32.26, 6.0, 4.27), (0.1318, 0.1087, 0.0939, 0.0883, 0.0867, 0.0823)),
 }
 
 
@@ -195,7 +198,7 @@ def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int 
     sweep = Path(root)
     sweep.mkdir(parents=True, exist_ok=True)
     ids = []
-    for (model, patch), (gflops, params, fids) in DEMO_CELLS.items():
+    for (model, patch), (gflops, params, fids, val_losses) in DEMO_CELLS.items():
         cid = cell_id(model, patch, "adaln_zero", "digits", 0)
         ids.append(cid)
         cell = {
@@ -206,9 +209,9 @@ def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int 
             "cond": "adaln_zero",
             "data": "digits",
             "seed": 0,
-            "input_size": 16,
+            "input_size": DEMO_SIZE,
             "in_channels": 1,
-            "tokens": (16 // patch) ** 2,
+            "tokens": (DEMO_SIZE // patch) ** 2,
             "params": params,
             "gflops": gflops,
             "global_batch": DEMO_BATCH,
@@ -218,8 +221,10 @@ def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int 
         evals = [
             eval_record(s, fid, DEMO_BATCH, num_samples, extractor, data="digits") for s, fid in zip(DEMO_STEPS, fids)
         ]
+        metrics = [{"step": s, "images_seen": s * DEMO_BATCH, "val_loss": v}
+                   for s, v in zip(DEMO_VAL_STEPS, val_losses)]
         status = {"state": "finished", "reason": None, "attempts": 1, "step": DEMO_STEPS[-1], "wall_s": 140.0}
-        write_cell(sweep, cell, status, evals)
+        write_cell(sweep, cell, status, evals, metrics)
     (sweep / "sweep.json").write_text(
         json.dumps({"name": sweep.name, "created": "2024-01-01T00:00:00", "grid": ids, "harness_version": "0.1.0"})
     )

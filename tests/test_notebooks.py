@@ -69,7 +69,7 @@ def test_notebook_executes_and_writes_figures(path, results_csv, tmp_path, monke
     assert not list(Path(path.parent).glob("figures"))  # nothing written beside the notebooks
 
 
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem in ("figures", "scaling_laws")], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_unedited_draws_the_demo_after_make_demo(path, tmp_path, monkeypatch):
     """A new user runs `make demo`, then a notebook as it is: its first cell's default sweep folder is where
     the demo writes (outputs/demo beside analysis/), and the figures are drawn from it."""

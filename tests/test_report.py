@@ -52,3 +52,17 @@ def test_digits_sweep_is_labelled_and_not_a_sweep_fails_cleanly(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "not a sweep folder" in proc.stderr
+
+
+def test_last_evaluations_give_each_cell_its_latest_record_smallest_first(tmp_path):
+    from harness.report import last_evaluations
+    from harness.results import load
+
+    df = load([make_paper_sweep(tmp_path / "paper", broken=True)])
+    last = last_evaluations(df)
+    evaluated = df[df["evaluated"].astype(bool)]
+    assert sorted(last["cell_id"]) == sorted(evaluated["cell_id"].unique())  # one row per evaluated cell
+    assert last.set_index("cell_id")["step"].sort_index().equals(evaluated.groupby("cell_id")["step"].max())
+    assert list(last["gflops"]) == sorted(last["gflops"])
+    assert "fid" in last and "sfid" not in last  # the fixture measured FID only: no column of blanks
+    assert last_evaluations(df[~df["evaluated"].astype(bool)]).empty

@@ -89,6 +89,8 @@ def test_metric_labels_name_sample_count_and_extractor():
     assert metric_label("fid", 50_000, "inception-v3-compat") == "FID-50K"
     assert metric_label("fid", 5_000, "digits-cnn") == "FID-5K (digits extractor)"
     assert metric_label("val_loss") == "validation loss"
+    # FD-DINOv2 is measured in DINOv2's space whatever extractor the record's FID used
+    assert metric_label("fd_dinov2", 500, "digits-cnn") == "FD-DINOv2-500"
 
 
 def test_paper_results_match_table4():
