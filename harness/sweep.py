@@ -486,7 +486,8 @@ def preflight(argv: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception as e:  # noqa: BLE001 - a malformed override
         cli.fail(compact_error(e))
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    # Hydra's own overrides stay in: a cluster preset sets keys of the launcher that hydra/launcher=slurm selects.
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     try:
         compose(fixed)
     except cli.BadInput as e:

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 
 import pytest
-from helpers import ConfigPlus
+from helpers import ConfigPlus, run_module
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -124,6 +124,17 @@ def test_every_named_grid_plans(name, data_paths, tmp_path, monkeypatch, capsys)
     if SWEEP_CELLS.get(name):
         assert len(rows) == SWEEP_CELLS[name], plan
     assert not out.exists(), "plan=true creates nothing"
+
+
+@pytest.mark.parametrize("cluster", _options("cluster"))
+def test_the_slurm_launcher_with_each_cluster_preset_plans_from_the_command_line(cluster, tmp_path):
+    """The command a SLURM user types, through the whole entry point (its check of the fixed overrides
+    included): a cluster preset sets launcher keys that exist only once hydra/launcher=slurm is chosen."""
+    out = tmp_path / "sweep"
+    proc = run_module("harness.sweep", "-m", "sweeps=demo", "hydra/launcher=slurm", f"cluster={cluster}",
+                      "plan=true", f"out_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sum(ln.startswith("DiT-") for ln in proc.stdout.splitlines()) == 6 and not out.exists()
 
 
 # ---- identity ----
