@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -86,6 +87,20 @@ class Context:
 def _write_text(path: Path, text: str) -> Path:
     atomic_write_bytes(path, text.encode())
     return path
+
+
+def _json_text(obj) -> str:
+    """Returns strict JSON, which any tool reads (Python's default writes NaN, which is not JSON): a value
+    that is not determined (NaN, infinite) is written null."""
+
+    def finite(v):
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
 def _md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -212,7 +227,7 @@ def laws(ctx: Context) -> list[str]:
           f"{ctx.n_resamples} bootstrap resamples over cells, {100 * scaling.LEVEL:g}% percentile intervals. "
           "Against training compute the fit uses the compute frontier.", ""]
     md += [f"- `{k}`: {law.describe()} ({law.n_failed} resamples failed)" for k, law in ctx.fits.items()]
-    _write_text(ctx.out / "fits.json", json.dumps({k: law.to_dict() for k, law in ctx.fits.items()}, indent=2))
+    _write_text(ctx.out / "fits.json", _json_text({k: law.to_dict() for k, law in ctx.fits.items()}))
     return md + ["", "All parameters: [fits.json](fits.json).", ""]
 
 
@@ -327,7 +342,7 @@ def _compute_optimal(ctx: Context, val_df: pd.DataFrame, eval_df: pd.DataFrame, 
     suffix = "_" + name.replace(" ", "_") if name else ""
     job = ctx.optimal_jobs.get(name)
     summary, fits = job.result() if job is not None else optimal_summary(val_df, eval_df, ctx.n_resamples, ctx.seed)
-    _write_text(ctx.out / f"compute_optimal{suffix}.json", json.dumps(summary, indent=2))
+    _write_text(ctx.out / f"compute_optimal{suffix}.json", _json_text(summary))
     section = scaling.format_compute_optimal_markdown(summary)
     if name:
         section = section.replace("## Compute-optimal", f"## Compute-optimal ({name})", 1)

@@ -322,12 +322,14 @@ class JointLaw:
     def predict_interval(self, size, images) -> tuple[np.ndarray, np.ndarray]:
         """Returns (low, high) bootstrap percentile bands of the metric at (`size`, `images`)."""
         shape = np.broadcast_shapes(np.shape(size), np.shape(images))
-        lo, hi = _percentile_ci(self._predict(self._boot, size, images).reshape(len(self._boot), -1), self.level)
+        lo, hi = _percentile_ci(self.draws(size, images), self.level)
         return lo.reshape(shape), hi.reshape(shape)
 
     def draws(self, size, images) -> np.ndarray:
-        """Returns the bootstrap draws (n_ok, m) of the law at the m points (`size`, `images`), flattened."""
-        return self._predict(self._boot, size, images).reshape(len(self._boot), -1)
+        """Returns the bootstrap draws (n_ok, m) of the law at the m points (`size`, `images`), flattened;
+        (0, m) when no resample succeeded (the bands are then NaN)."""
+        m = int(np.prod(np.broadcast_shapes(np.shape(size), np.shape(images))))
+        return self._predict(self._boot, size, images).reshape(len(self._boot), m)
 
     @property
     def log_residuals(self) -> np.ndarray:

@@ -40,10 +40,19 @@ def test_fig8_correlation_on_table4_fixture_matches_paper(report):
     assert ours == pytest.approx(paper) and ours == pytest.approx(scaling.PAPER_CORRELATION, abs=0.02)
 
 
+def _not_json(token: str):
+    raise AssertionError(f"{token} is not JSON")
+
+
 def test_digits_sweep_is_labelled_and_not_a_sweep_fails_cleanly(tmp_path):
     sweep = make_paper_sweep(tmp_path / "digits", steps=(400_000,), num_samples=5_000, extractor="digits-cnn")
-    text = write_report(sweep, n_resamples=0).read_text()
+    report = write_report(sweep, n_resamples=0)
+    text = report.read_text()
     assert "FID-5K (digits extractor)" in text and "not directly comparable" in text
+    # Without resamples every interval is undetermined: written null, so that any JSON reader takes the files.
+    written = sorted(report.parent.glob("*.json"))
+    assert written and all(json.loads(p.read_text(), parse_constant=_not_json) for p in written)
+    assert json.loads((report.parent / "fits.json").read_text())["gflops_power"]["exponent_ci"] == [None, None]
     (tmp_path / "empty").mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "harness.report", str(tmp_path / "empty")],

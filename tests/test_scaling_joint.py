@@ -147,6 +147,10 @@ def test_noiseless_joint_law_is_recovered():
     for k in JOINT_PARAMS:
         assert law.params[k] == pytest.approx(TRUE[k], rel=0.02), law.describe()
     assert np.allclose(law.predict(val["gflops"], val["images_seen"]), val["val_loss"], rtol=1e-3)
+    # Without resamples the bands exist, have the points' shape and say "unknown" (NaN), never crash.
+    lo, hi = law.predict_interval(val["gflops"], val["images_seen"])
+    assert lo.shape == hi.shape == (len(val),) and np.isnan(lo).all() and np.isnan(hi).all()
+    assert all(np.isnan(b).all() and b.shape == (3,) for b in law.prediction_interval([1e6, 2e6, 3e6], 1e5))
 
 
 def test_optimal_meets_the_budget_and_is_the_argmin(sweep_law):
