@@ -251,6 +251,9 @@ def validate(cfg: Any) -> list[str]:
         problems.append(f"stage={cfg.stage!r} is not one of {list(STAGES)}")
     if cfg.seed < 0:
         problems.append(f"seed={cfg.seed} must be non-negative")
+    wait_s = cfg.get("lock_wait_s")
+    if wait_s is not None and not (wait_s >= 0):  # NaN fails this too
+        problems.append(f"lock_wait_s={wait_s} must be a number of seconds >= 0 (or null: the default policy)")
     return problems
 
 

@@ -86,6 +86,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag True when it is True on any rank: one small all-reduce, a host sync (call it sparingly)."""
+    if not dist.is_initialized():
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank."""
     if not dist.is_initialized():

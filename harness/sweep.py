@@ -125,7 +125,10 @@ def cell_done(cfg: Any) -> bool:
     """True when the cell's training is finished and every configured evaluation has its record, made
     with the current evaluation settings and holding every metric asked for (anything else is work to do)."""
     run_dir = run_dir_for(cfg)
-    if read_status(run_dir).get("state") != "finished":  # "evaluating" is not done: its evals resume
+    status = read_status(run_dir)
+    if status.get("state") != "finished":  # "evaluating" is not done: its evals resume
+        return False
+    if (status.get("step") or 0) < cfg.train.steps:  # evaluated (stage=eval) before its training ended
         return False
     if cfg.stage == "train":
         return True
@@ -303,10 +306,22 @@ def _launch_submitit(launcher, todo: list) -> list[tuple[Any, dict]]:
         except Exception as e:  # noqa: BLE001 - the job died without a result
             value = {"state": "failed", "reason": f"job {job.job_id} ended without a result: {_first_line(e)}"}
             run_dir = run_dir_for(c)
-            if run_dir.exists() and read_status(run_dir).get("state") != "finished" and held_elsewhere(c) is None:
+            if (run_dir.exists() and read_status(run_dir).get("state") != "finished"
+                    and held_by_ended_job_or_nobody(lease.read_lease(run_dir), job.job_id)):
                 update_status(run_dir, state="failed", reason=value["reason"])
         outcomes.append(((o, c, r), value))
     return outcomes
+
+
+def held_by_ended_job_or_nobody(info: dict | None, job_id: str) -> bool:
+    """True when the lease record `info` (lease.read_lease) is no live holder's but, at most, that of the
+    SLURM job `job_id` ("123" or array task "123_4"), which has ended: its failure is then ours to record.
+    A job killed on another node leaves a lease that looks live until it goes stale (minutes)."""
+    if info is None or info.get("stale"):
+        return True
+    slurm = info.get("slurm") or {}
+    ids = {slurm.get("job_id"), f"{slurm.get('array_job_id')}_{slurm.get('array_task_id')}"}
+    return str(job_id) in ids
 
 
 def _group_by_resources(todo: list) -> dict:
@@ -465,11 +480,14 @@ def _run_stages(cfg: DictConfig, run_dir: Path, env) -> dict:
     else:
         result = {"run_dir": str(run_dir), "state": "finished"}
     if cfg.stage in ("all", "eval"):
+        before = read_status(run_dir)
         if env.is_main:
             update_status(run_dir, state="evaluating")
         result["evals"] = evaluate_cell(cfg)
-        if env.is_main:
-            update_status(run_dir, state="finished", reason=None)
+        if env.is_main:  # a cell evaluated before its training ended is not finished: a later sweep trains it
+            trained = (before.get("step") or 0) >= cfg.train.steps
+            update_status(run_dir, state="finished" if trained else "interrupted", reason=None if trained else
+                          f"evaluated at step {before.get('step') or 0} of {cfg.train.steps}; training not finished")
     return result
 
 

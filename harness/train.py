@@ -344,7 +344,10 @@ def train(cfg: Any) -> dict:
         except Preempted:
             raise
         except BaseException as e:  # whatever stopped it, status.json must not say `running`...
-            if env.is_main and not held.lost:  # ...unless the folder is another process's now: not ours to write
+            # ...unless the folder is another process's now (not ours to write), or the stop was a preemption
+            # handed to submitit, whose handler requeues the job and exits (status says `interrupted`).
+            requeued = isinstance(e, SystemExit) and isinstance(e.__context__, Preempted)
+            if env.is_main and not held.lost and not requeued:
                 _record_failure(run_dir, progress.step, e)
             raise
 
@@ -397,18 +400,19 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
             progress.step = step = step + 1
             progress.images_seen += tcfg.global_batch
             bar.update(1)
-            held.check()  # another process took the folder over (our heartbeat stalled): stop writing
             is_ckpt = step % tcfg.ckpt_every == 0 or step in keep_steps or step == tcfg.steps
-            if step % tcfg.log_every == 0 or is_ckpt or stop.requested:
+            is_log = step % tcfg.log_every == 0 or is_ckpt
+            stopping = _should_stop(env, stop, held, at_log_step=is_log)
+            if is_log or stopping:
                 _log(run_dir, env, progress, window, stepper.opt, bar, run)
             if step % tcfg.val_every == 0 or step == tcfg.steps:
                 _validate(run_dir, env, progress, stepper, objective, val, run)
-            if is_ckpt or stop.requested:
+            if is_ckpt or stopping:
                 _save(cfg, env, ckpt_dir, progress, stepper, data_state, keep_steps)
                 if env.is_main:
                     update_status(run_dir, step=step, wall_s=progress.wall_s(),
                                   gpu_hours=_gpu_hours(env, progress.wall_s()))
-            if stop.requested:
+            if stopping:
                 raise Preempted(f"stopped at step {step} on request; checkpoint written")
     except Preempted:
         if env.is_main:
@@ -425,6 +429,30 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
         if run is not None:
             run.finish()
     return _finish(cfg, env, run_dir, progress)
+
+
+def _should_stop(env, stop: StopFlag, held, at_log_step: bool) -> bool:
+    """Whether to checkpoint and stop after this step (USR2); raises lease.LeaseLost when the folder was taken
+    over (our heartbeat stalled), so that nothing more is written. One process acts at the next step. In a
+    process group every rank must stop at the same step (a collective entered by one rank alone hangs), and
+    SLURM's signal reaches the ranks at different steps: the ranks agree at log steps (an all-reduce there,
+    never between them: the step itself stays free of host syncs)."""
+    if env.world_size == 1:
+        held.check()
+        return stop.requested
+    if not at_log_step:
+        return False
+    lost_here = None
+    try:
+        held.check()  # rank 0 holds the folder; the other ranks' check never raises
+    except lease.LeaseLost as e:
+        lost_here = e
+    requested, lost = distributed.any_rank([stop.requested, lost_here is not None], env.device)
+    if lost_here is not None:
+        raise lost_here
+    if lost:
+        raise lease.LeaseLost("rank 0 lost the run folder's lease: stopping without writing")
+    return requested
 
 
 def _record_failure(run_dir: Path, step: int, e: BaseException) -> None:
@@ -458,11 +486,12 @@ def _resume(cfg, env, run_dir: Path, s: Stepper, n_items: int) -> tuple[Progress
                             wall_s_before=state.get("wall_s", 0.0))
         order = DataOrder(n_items, cfg.seed, cfg.train.global_batch, **state["data"])
         log.info("resumed %s from %s", run_dir.name, checkpoint.describe_state(state))
-    # A log that passed a checkpoint step with no usable checkpoint left means the checkpoints were deleted
-    # (or all are corrupt): training again from step 0 would silently redo (and double-log) that work.
+    # A log that went past a checkpoint step with no usable checkpoint left means the checkpoints were deleted
+    # (or all are corrupt): training again from step 0 would silently redo (and double-log) that work. A log
+    # that reaches the first checkpoint step only is a kill while that checkpoint was written: train again.
     logged = runfolder.logged_step(run_dir / "metrics.jsonl")
     first_ckpt = min(cfg.train.ckpt_every, *eval_steps(cfg))
-    lost = state is None and logged >= first_ckpt
+    lost = state is None and logged > first_ckpt
     if lost and not cfg.train.restart:
         raise cli.BadInput(
             f"{run_dir.name}: metrics.jsonl reaches step {logged} but there is no usable checkpoint (deleted?); "
@@ -470,19 +499,28 @@ def _resume(cfg, env, run_dir: Path, s: Stepper, n_items: int) -> tuple[Progress
             "and the results read only the new run)"
         )
     if env.is_main:
-        status = read_status(run_dir)
-        update_status(run_dir, state="running", reason=None, attempts=status.get("attempts", 0) + 1,
-                      step=progress.step, total_steps=cfg.train.steps, started=status.get("started") or time.time())
-        if lost:
-            archive = runfolder.set_aside_results(run_dir)
-            append_jsonl(run_dir / "metrics.jsonl", {"event": "restart", "step": progress.step, "from_step": logged,
-                                                     "results_set_aside": archive})
-            log.warning("%s: restarting at step %d (log reached %d); old results moved to %s", run_dir.name,
-                        progress.step, logged, archive)
-        elif state is not None or status.get("attempts"):
-            append_jsonl(run_dir / "metrics.jsonl", {"event": "resume", "step": progress.step})
+        try:
+            _mark_started(cfg, run_dir, progress.step, lost, logged, resumed=state is not None)
+        except BaseException as e:  # a full disk, say: the status must not stay `running`
+            _record_failure(run_dir, progress.step, e)
+            raise
     distributed.barrier()
     return progress, order
+
+
+def _mark_started(cfg, run_dir: Path, step: int, lost: bool, logged: int, resumed: bool) -> None:
+    """Marks the attempt in status.json and the log (a resume or a restart that sets the old results aside)."""
+    status = read_status(run_dir)
+    update_status(run_dir, state="running", reason=None, attempts=status.get("attempts", 0) + 1,
+                  step=step, total_steps=cfg.train.steps, started=status.get("started") or time.time())
+    if lost:
+        archive = runfolder.set_aside_results(run_dir)
+        append_jsonl(run_dir / "metrics.jsonl", {"event": "restart", "step": step, "from_step": logged,
+                                                 "results_set_aside": archive})
+        log.warning("%s: restarting at step %d (log reached %d); old results moved to %s", run_dir.name, step,
+                    logged, archive)
+    elif resumed or status.get("attempts"):
+        append_jsonl(run_dir / "metrics.jsonl", {"event": "resume", "step": step})
 
 
 def _log(run_dir, env, progress: Progress, w: LogWindow, opt, bar, run) -> None:

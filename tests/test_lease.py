@@ -492,3 +492,18 @@ def test_a_requeue_waits_for_its_previous_attempt_and_refuses_another_job(tmp_pa
 
 if __name__ == "__main__":
     sys.exit(_run_worker(sys.argv[1:]))
+
+
+def test_the_lease_of_a_job_that_ended_does_not_keep_its_failure_unrecorded():
+    # A job killed on another node leaves a lease that looks live for minutes; the sweep, told the job ended,
+    # records the failure when the lease is that job's own, never when another live process holds the folder.
+    from harness.sweep import held_by_ended_job_or_nobody
+
+    plain = {"slurm": lease_mod.slurm_attempt({"SLURM_JOB_ID": "812"}), "stale": False}
+    array = {"slurm": lease_mod.slurm_attempt({"SLURM_JOB_ID": "815", "SLURM_ARRAY_JOB_ID": "810",
+                                           "SLURM_ARRAY_TASK_ID": "5"}), "stale": False}
+    assert held_by_ended_job_or_nobody(None, "812") and held_by_ended_job_or_nobody({**plain, "stale": True}, "999")
+    assert held_by_ended_job_or_nobody(plain, "812") and not held_by_ended_job_or_nobody(plain, "813")
+    assert held_by_ended_job_or_nobody(array, "810_5") and not held_by_ended_job_or_nobody(array, "810_6")
+    assert held_by_ended_job_or_nobody(array, "815")
+    assert not held_by_ended_job_or_nobody({"slurm": None, "stale": False}, "812")  # a process outside SLURM

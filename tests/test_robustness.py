@@ -219,6 +219,74 @@ def test_deleted_checkpoints_are_not_silently_retrained(tmp_path):
     assert new_lines[-2:] == [5, 10]  # the new run logged its own steps after the restart mark
 
 
+def test_a_kill_while_the_first_checkpoint_is_written_resumes_from_step_0(tmp_path):
+    # The step-5 line is logged before the step-5 checkpoint is written: a kill in between leaves a log at
+    # the first checkpoint step and no checkpoint. That is not a user's clean-up: training starts again.
+    out = tmp_path / "run"
+    subprocess.run(train_cmd(out, "train.steps=10", "train.ckpt_every=5"), check=True, env=one_thread_env(),
+                   capture_output=True)
+    run = only_run_dir(out)
+    for p in (run / "checkpoints").iterdir():
+        p.unlink()
+    kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step", 0) <= 5]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    resumed = subprocess.run(train_cmd(out, "train.steps=10", "train.ckpt_every=5"), env=one_thread_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert checkpoint.list_steps(run / "checkpoints") == [5, 10] and read_status(run)["state"] == "finished"
+
+
+def test_a_preemption_handed_to_submitit_leaves_the_cell_interrupted_not_failed(tmp_path):
+    # Under submitit, USR2's previous handler requeues the job and calls sys.exit(-1); the trainer checkpoints,
+    # says `interrupted`, hands the signal over, and the exit that follows is not a failure of the cell.
+    out = tmp_path / "run"
+    script = ("import runpy, signal, sys\n"
+              "signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit(-1))  # as submitit's, after requeueing\n"
+              f"sys.argv = ['harness.train', *{train_cmd(out, 'train.steps=100000', 'train.ckpt_every=5')[3:]!r}]\n"
+              "runpy.run_module('harness.train', run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=one_thread_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*/checkpoints/step_*.pt")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGUSR2)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 255, err[-2000:]  # sys.exit(-1)
+    run = only_run_dir(out)
+    st = read_status(run)
+    assert st["state"] == "interrupted" and "preempted" in st["reason"], st
+    assert st["step"] == max(checkpoint.list_steps(run / "checkpoints")) > 0  # checkpointed where it stopped
+
+
+def test_a_cell_evaluated_before_its_training_ended_is_trained_by_the_next_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    steps = ["train.steps=60", "train.ckpt_every=5"]
+    proc = subprocess.Popen(train_cmd(out, *steps), env=one_thread_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("*/checkpoints/step_*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()  # a crash part-way through training
+    proc.wait()
+    run = only_run_dir(out)
+    first = min(checkpoint.list_steps(run / "checkpoints"))
+    assert first < 60
+    sweep = [sys.executable, "-m", "harness.sweep", "-m", *TINY, *steps, "report=false", f"out_dir={out}",
+             "eval.num_samples=20", "eval.sampling_steps=5", "eval.batch_size=20", "eval.shard_size=20",
+             "eval.metrics=[fid]", f"eval.at_steps=[{first}]"]
+    ev = subprocess.run([*sweep, "stage=eval"], cwd=REPO, env=one_thread_env(), capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert (run / "evals" / f"step_{first}.json").exists()
+    st = read_status(run)
+    assert st["state"] == "interrupted" and "training not finished" in st["reason"], st  # not `finished`
+    tr = subprocess.run([*sweep, "stage=train"], cwd=REPO, env=one_thread_env(), capture_output=True, text=True)
+    assert tr.returncode == 0, tr.stderr[-2000:]
+    assert "1 run now" in tr.stdout and read_status(run)["step"] == 60  # the next sweep trained it to the end
+
+
 def test_status_shows_queued_cells_and_the_holder_of_a_folder(tmp_path, capsys):
     out = tmp_path / "sweep"
     subprocess.run(train_cmd(out, "train.steps=5", "train.ckpt_every=5"), check=True, env=one_thread_env(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -116,6 +117,42 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     moved = [k for k in a if not torch.equal(a[k], init[k])]
     frozen = {"pos_embed"}  # the fixed sin-cos embedding is not trained
     assert set(moved) == set(a) - frozen, sorted(set(a) - set(moved))
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """Returns {rank: pid} of torchrun's worker processes (read from their environments)."""
+    out = {}
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = [v.split(b"=", 1)[1] for v in env if v.startswith(b"RANK=")]
+        if rank:
+            out[int(rank[0])] = int(child)
+    return out
+
+
+def test_a_stop_signal_reaching_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # SLURM signals each task of a job on its own: one rank sees USR2 steps before another. Had rank 0 stopped
+    # alone, it would wait in its checkpoint's collectives while rank 1 waits in the next step's: a hang.
+    out = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                "-m", "harness.train", *TINY, f"out_dir={out}", "train.steps=100000", "train.ckpt_every=100000",
+                "train.log_every=4", "train.val_every=100000"]
+    proc = subprocess.Popen(torchrun, env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        ranks = _rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGUSR2)  # one rank only (the one that does not write)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    (run,) = [p for p in out.iterdir() if (p / "cell.json").exists()]
+    status = read_json(run / "status.json")
+    assert status["state"] == "interrupted", (status, err[-2000:])
+    (step,) = checkpoint.list_steps(run / "checkpoints")  # one checkpoint, where both stopped
+    assert step % 4 == 0 and status["step"] == step and checkpoint.load_latest(run / "checkpoints")["step"] == step
 
 
 def _initial_model(out_dir: Path) -> dict:
