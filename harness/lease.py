@@ -456,6 +456,15 @@ def _mutex(run_dir: Path, use_lock: bool, wait_s: float) -> Iterator[bool]:
         os.close(fd)  # closing the descriptor releases the POSIX lock
 
 
+@contextmanager
+def folder_lock(folder: Path, wait_s: float = 30.0) -> Iterator[bool]:
+    """Serialises a read-modify-write of a small file in `folder` between processes (sweeps launched together
+    into one folder), with the fcntl lock the lease uses; yields whether the lock is held (False where the file
+    system has no locks: the write is then as before, atomic but unserialised)."""
+    with _mutex(Path(folder), True, wait_s) as locked:
+        yield locked
+
+
 def _link_exclusive(src: Path, dst: Path) -> bool | None:
     """Hard-link `src` to `dst` unless `dst` exists: True if linked, False if `dst` exists, None if this
     file system makes no hard links."""

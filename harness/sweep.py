@@ -377,18 +377,20 @@ def _foreign_cells(sweep_dir: Path, name: str, cells: list[tuple[Any, dict]]) ->
 
 
 def _record_sweep(sweep_dir: Path, config: DictConfig, ids: list[str]) -> None:
-    """sweep.json marks a sweep folder and lists every cell ever launched into it."""
+    """sweep.json marks a sweep folder and lists every cell ever launched into it (two sweeps launched together
+    into one folder each add their cells: the read-modify-write is locked)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        meta = read_json(sweep_dir / "sweep.json") or {}
-    except ValueError:
-        meta = {}  # torn: rebuilt from this grid and the run folders present
-        ids = ids + [p.parent.name for p in sweep_dir.glob("*/cell.json")]
-    meta.setdefault("name", str(config.sweep_name))
-    meta["created"] = meta.get("created") or now_iso()
-    meta["grid"] = sorted(set(meta.get("grid", [])) | set(ids))
-    meta["updated"] = now_iso()
-    atomic_write_json(sweep_dir / "sweep.json", meta)
+    with lease.folder_lock(sweep_dir):
+        try:
+            meta = read_json(sweep_dir / "sweep.json") or {}
+        except ValueError:
+            meta = {}  # torn: rebuilt from this grid and the run folders present
+            ids = ids + [p.parent.name for p in sweep_dir.glob("*/cell.json")]
+        meta.setdefault("name", str(config.sweep_name))
+        meta["created"] = meta.get("created") or now_iso()
+        meta["grid"] = sorted(set(meta.get("grid", [])) | set(ids))
+        meta["updated"] = now_iso()
+        atomic_write_json(sweep_dir / "sweep.json", meta)
 
 
 def _write_report(sweep_dir: Path) -> list[str]:

@@ -507,3 +507,26 @@ def test_the_lease_of_a_job_that_ended_does_not_keep_its_failure_unrecorded():
     assert held_by_ended_job_or_nobody(array, "810_5") and not held_by_ended_job_or_nobody(array, "810_6")
     assert held_by_ended_job_or_nobody(array, "815")
     assert not held_by_ended_job_or_nobody({"slurm": None, "stale": False}, "812")  # a process outside SLURM
+
+
+def _record_many(sweep_dir: str, worker: int, n: int) -> None:
+    from omegaconf import OmegaConf
+
+    from harness.sweep import _record_sweep
+
+    for j in range(n):
+        _record_sweep(Path(sweep_dir), OmegaConf.create({"sweep_name": "together"}), [f"cell-{worker}-{j}"])
+
+
+def test_sweeps_launched_together_into_one_folder_each_keep_their_cells_in_sweep_json(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_record_many, args=(str(tmp_path), w, 25)) for w in range(6)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=120)
+    assert [p.exitcode for p in workers] == [0] * 6
+    grid = json.loads((tmp_path / "sweep.json").read_text())["grid"]
+    assert sorted(grid) == sorted(f"cell-{w}-{j}" for w in range(6) for j in range(25))  # none lost
