@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,14 @@ def one_thread_env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HARNESS_NO_BAR="1", WANDB_MODE="disabled")
     return env
+
+
+def wait_for_file(folder: Path, pattern: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Polls until a file matching `pattern` exists under `folder`, `proc` has ended, or `timeout_s` passed
+    (the caller's assertions then say what is missing)."""
+    deadline = time.time() + timeout_s
+    while not list(folder.glob(pattern)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
 
 
 def run_module(module: str, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mup import MuAdamW, set_base_shapes
-from test_models import public_xl2_shapes
+from test_models import public_xl2_shapes, randomize
 
 from harness.flops import fvcore_macs
 from harness.models import CONDS, PARAMETRIZATIONS, DiT, DiT_models, build, load_checkpoint, validate_arch
@@ -35,16 +35,6 @@ def inputs(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g),
             torch.randint(0, 10, (n,), generator=g))
-
-
-def randomize(model, seed=0, std=0.2):
-    """Returns model with every trainable weight redrawn, so no zero init hides a broken path."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def same_state(a, b):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_results import make_demo_sweep
-from helpers import REPO, TINY_CELL, one_thread_env, run_module
+from helpers import REPO, TINY_CELL, one_thread_env, run_module, wait_for_file
 
 from harness import checkpoint, lease, status
 from harness.report import build_report
@@ -111,9 +111,7 @@ def test_a_kill_during_checkpoint_writes_then_resume_leaves_no_temp_file(tmp_pat
     for delay_s in (0.6, 1.1, 1.7):
         proc = subprocess.Popen(train_cmd(out, *extra), env=one_thread_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and not list(out.glob("*/checkpoints/step_*.pt")):
-            time.sleep(0.01)
+        wait_for_file(out, "*/checkpoints/step_*.pt", proc)
         time.sleep(delay_s)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -247,9 +245,7 @@ def test_a_preemption_handed_to_submitit_leaves_the_cell_interrupted_not_failed(
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=one_thread_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not list(out.glob("*/checkpoints/step_*.pt")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
+        wait_for_file(out, "*/checkpoints/step_*.pt", proc)
         os.kill(proc.pid, signal.SIGUSR2)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -266,9 +262,7 @@ def test_a_cell_evaluated_before_its_training_ended_is_trained_by_the_next_sweep
     steps = ["train.steps=60", "train.ckpt_every=5"]
     proc = subprocess.Popen(train_cmd(out, *steps), env=one_thread_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(out.glob("*/checkpoints/step_*.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_file(out, "*/checkpoints/step_*.json", proc)  # the sidecar, written last: a whole first checkpoint
     proc.kill()  # a crash part-way through training
     proc.wait()
     run = only_run_dir(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_CELL, one_thread_env
+from helpers import TINY_CELL, one_thread_env, wait_for_file
 
 from harness import checkpoint
 from harness.cell import build_model, load_run_config
@@ -139,9 +139,7 @@ def test_a_stop_signal_reaching_one_rank_stops_every_rank_at_the_same_step(tmp_p
                 "train.log_every=4", "train.val_every=100000"]
     proc = subprocess.Popen(torchrun, env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while not list(out.glob("*/metrics.jsonl")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
+        wait_for_file(out, "*/metrics.jsonl", proc)
         ranks = _rank_pids(proc.pid)
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[1], signal.SIGUSR2)  # one rank only (the one that does not write)
