@@ -490,6 +490,20 @@ def fig8_gflops(
     return fig
 
 
+def _lines_against_compute(ax, rows: pd.DataFrame, metric: str, colors: dict, marker_size: float) -> None:
+    """Draws `metric` against training compute, a line per model (colour: size; style and marker: patch), as
+    the paper's Fig 9 and Fig 12 do; records at one compute are averaged."""
+    for size in size_order(rows):
+        for patch in patch_order(rows):
+            r = rows[(rows["model"] == size) & (rows["patch"] == patch)]
+            if r.empty:
+                continue
+            r = r.groupby("train_compute_gflops")[metric].mean()
+            style, marker = _patch_style(patch)
+            ax.plot(r.index, r.to_numpy(), style, marker=marker, ms=marker_size, color=colors[size],
+                    label=f"DiT-{_name(size, patch)}", gid="sweep")
+
+
 def fig9_compute(
     df: pd.DataFrame,
     metric: str = "fid",
@@ -512,23 +526,7 @@ def fig9_compute(
     colors = size_colors(df)
     shared = paper and paper_comparable(rows, metric)
     fig, ax, pax = _figure(paper and not shared, width=MAIN_WIDTH + 1.0)
-    for size in size_order(rows):
-        for patch in patch_order(rows):
-            r = rows[(rows["model"] == size) & (rows["patch"] == patch)]
-            if r.empty:
-                continue
-            r = r.groupby("train_compute_gflops")[metric].mean()
-            style, marker = _patch_style(patch)
-            ax.plot(
-                r.index,
-                r.to_numpy(),
-                style,
-                marker=marker,
-                ms=4,
-                color=colors[size],
-                label=f"DiT-{_name(size, patch)}",
-                gid="sweep",
-            )
+    _lines_against_compute(ax, rows, metric, colors, marker_size=4)
     values = [rows[metric]]
     if shared:
         p = _paper(cond)
@@ -593,15 +591,7 @@ def fig12_metrics(
             ax.set_title(title, fontsize=10)
             continue
         drawn.append(metric)
-        for size in size_order(rows):
-            for patch in patch_order(rows):
-                r = rows[(rows["model"] == size) & (rows["patch"] == patch)]
-                if r.empty:
-                    continue
-                r = r.groupby("train_compute_gflops")[metric].mean()
-                style, marker = _patch_style(patch)
-                ax.plot(r.index, r.to_numpy(), style, marker=marker, ms=3, color=colors[size],
-                        label=f"DiT-{_name(size, patch)}", gid="sweep")
+        _lines_against_compute(ax, rows, metric, colors, marker_size=3)
         values = [rows[metric]]
         if paper and metric == "fid" and paper_comparable(rows, metric):
             p = _paper(cond)

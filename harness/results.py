@@ -227,15 +227,21 @@ def load_validation_run(run_dir: str | os.PathLike, sweep: str | None = None) ->
             for step, r in sorted(records.items())]
 
 
+def _folder_list(sweep_dirs: str | os.PathLike | list) -> list:
+    """Returns one sweep folder or several as a list; ValueError when none is given."""
+    if isinstance(sweep_dirs, (str, os.PathLike)):
+        sweep_dirs = [sweep_dirs]
+    if not sweep_dirs:
+        raise ValueError("no sweep folder given")
+    return list(sweep_dirs)
+
+
 def load_validation(sweep_dirs: str | os.PathLike | list) -> pd.DataFrame:
     """Returns the validation table: one row per (cell, validation record) of one or several sweep folders, with
     the cell's facts, images seen and training compute (Gflop units, the paper's convention). The validation
     loss is recorded often (every train.val_every steps), so the compute-optimal laws fit it
     (harness.scaling: fit_joint_table, isoflop_profiles)."""
-    if isinstance(sweep_dirs, (str, os.PathLike)):
-        sweep_dirs = [sweep_dirs]
-    if not sweep_dirs:
-        raise ValueError("no sweep folder given")
+    sweep_dirs = _folder_list(sweep_dirs)
     rows = []
     for sweep_dir in sweep_dirs:
         for run_dir in run_dirs(sweep_dir):
@@ -278,10 +284,7 @@ def _per_row(fn, gflops, global_batch, steps) -> np.ndarray:
 
 def load_results(sweep_dirs: str | os.PathLike | list) -> pd.DataFrame:
     """Returns one tidy DataFrame, a row per (cell, evaluated step), from one or several sweep folders."""
-    if isinstance(sweep_dirs, (str, os.PathLike)):
-        sweep_dirs = [sweep_dirs]
-    if not sweep_dirs:
-        raise ValueError("no sweep folder given")
+    sweep_dirs = _folder_list(sweep_dirs)
     rows = []
     for sweep_dir in sweep_dirs:
         sweep_dir = Path(sweep_dir)

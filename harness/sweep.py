@@ -126,9 +126,8 @@ def cell_done(cfg: Any) -> bool:
     with the current evaluation settings and holding every metric asked for (anything else is work to do)."""
     run_dir = run_dir_for(cfg)
     status = read_status(run_dir)
-    if status.get("state") != "finished":  # "evaluating" is not done: its evals resume
-        return False
-    if (status.get("step") or 0) < cfg.train.steps:  # evaluated (stage=eval) before its training ended
+    # "evaluating" is not done (its evals resume), nor a cell evaluated (stage=eval) before its training ended
+    if status.get("state") != "finished" or not _training_over(status, cfg):
         return False
     if cfg.stage == "train":
         return True
@@ -470,7 +469,11 @@ def run_cell(cfg: DictConfig) -> dict:
 
 def _trained(cfg: DictConfig, run_dir: Path) -> bool:
     """True when the cell's training is over (finished, or killed while evaluating) at its last step."""
-    status = read_status(run_dir)
+    return _training_over(read_status(run_dir), cfg)
+
+
+def _training_over(status: dict, cfg: DictConfig) -> bool:
+    """True when a cell's status.json says its training is over (finished, or killed while evaluating)."""
     return status.get("state") in ("finished", "evaluating") and (status.get("step") or 0) >= cfg.train.steps
 
 
