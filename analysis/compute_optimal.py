@@ -29,7 +29,8 @@
 import json
 import os
 
-from harness import plots, plots_optimal, scaling
+from harness import scaling
+from harness.plots import figures, optimal
 from harness.results import load, load_validation
 
 # The CPU study (python -m harness.sweep -m sweeps=scaling) when it has run, else the demo of `make demo`.
@@ -44,7 +45,7 @@ print(f"sweep folders: {SWEEP_DIRS}")
 def draw(name, make):
     """Saves the figure `make()` returns as FIG_DIR/name.{png,pdf}, or says why the data cannot give it."""
     try:
-        plots.save_figure(make(), FIG_DIR, name)
+        figures.save_figure(make(), FIG_DIR, name)
     except ValueError as e:
         print(f"{name}: not drawn ({e})")
 
@@ -61,7 +62,7 @@ joint = scaling.fit_joint_table(val, n_resamples=N_RESAMPLES)
 print(joint.describe())
 holdout = scaling.holdout_check(val, df)
 print(json.dumps({k: v for k, v in holdout.get("joint", {}).items() if k != "rows"}, indent=1))
-draw("joint_law_predicted", lambda: plots_optimal.fig_joint_predicted(joint, holdout.get("joint")))
+draw("joint_law_predicted", lambda: optimal.fig_joint_predicted(joint, holdout.get("joint")))
 
 # %% [markdown]
 # ## IsoFLOP profiles and the compute-optimal size
@@ -71,8 +72,8 @@ draw("joint_law_predicted", lambda: plots_optimal.fig_joint_predicted(joint, hol
 # %%
 iso = scaling.isoflop_profiles(val, n_resamples=N_RESAMPLES)
 print(iso.describe())
-draw("isoflop_profiles", lambda: plots_optimal.fig_isoflop_profiles(iso))
-draw("size_opt", lambda: plots_optimal.fig_size_opt(iso, joint))
+draw("isoflop_profiles", lambda: optimal.fig_isoflop_profiles(iso))
+draw("size_opt", lambda: optimal.fig_size_opt(iso, joint))
 
 # %% [markdown]
 # ## FID against validation loss
@@ -80,7 +81,7 @@ draw("size_opt", lambda: plots_optimal.fig_size_opt(iso, joint))
 # %%
 loss_to_fid = scaling.fit_loss_to_fid_table(df, n_resamples=N_RESAMPLES)
 print(loss_to_fid.describe())
-draw("loss_to_fid", lambda: plots_optimal.fig_loss_to_fid(loss_to_fid))
+draw("loss_to_fid", lambda: optimal.fig_loss_to_fid(loss_to_fid))
 
 # %% [markdown]
 # ## What each budget buys

@@ -24,7 +24,8 @@
 # %%
 import os
 
-from harness import plots, scaling
+from harness import scaling
+from harness.plots import figures
 from harness.results import load
 
 SWEEP_DIRS = ["../outputs/demo"]
@@ -41,23 +42,23 @@ df.drop_duplicates("cell_id")[["cell_id", "state", "step"]]
 # ## Fig 2: FID at the comparison step, bubble area = Gflops
 
 # %%
-fig = plots.fig2_bubbles(df)
-plots.save_figure(fig, FIG_DIR, "fig2_bubbles")
+fig = figures.fig2_bubbles(df)
+figures.save_figure(fig, FIG_DIR, "fig2_bubbles")
 
 # %% [markdown]
 # ## Fig 5: conditioning variants over training (needs more than one variant)
 
 # %%
 if df.cond.nunique() > 1:
-    fig = plots.fig5_conditioning(df)
-    plots.save_figure(fig, FIG_DIR, "fig5_conditioning")
+    fig = figures.fig5_conditioning(df)
+    figures.save_figure(fig, FIG_DIR, "fig5_conditioning")
 
 # %% [markdown]
 # ## Fig 6: FID over training, by patch size and by model size
 
 # %%
-fig = plots.fig6_training(df)
-plots.save_figure(fig, FIG_DIR, "fig6_training")
+fig = figures.fig6_training(df)
+figures.save_figure(fig, FIG_DIR, "fig6_training")
 
 # %% [markdown]
 # ## Fig 8: FID against Gflops
@@ -65,15 +66,15 @@ plots.save_figure(fig, FIG_DIR, "fig6_training")
 
 # %%
 print(scaling.gflops_correlation(df))
-fig = plots.fig8_gflops(df)
-plots.save_figure(fig, FIG_DIR, "fig8_gflops")
+fig = figures.fig8_gflops(df)
+figures.save_figure(fig, FIG_DIR, "fig8_gflops")
 
 # %% [markdown]
 # ## Fig 9: FID against training compute (Gflops x batch x steps x 3)
 
 # %%
-fig = plots.fig9_compute(df)
-plots.save_figure(fig, FIG_DIR, "fig9_compute")
+fig = figures.fig9_compute(df)
+figures.save_figure(fig, FIG_DIR, "fig9_compute")
 
 # %% [markdown]
 # ## Fig 12: every metric of the paper's evaluator against training compute
@@ -81,11 +82,11 @@ plots.save_figure(fig, FIG_DIR, "fig9_compute")
 # gets a panel that says so. The repository's copy of Table 4 holds the paper's FID only.
 
 # %%
-fig = plots.fig12_metrics(df)
-plots.save_figure(fig, FIG_DIR, "fig12_metrics")
+fig = figures.fig12_metrics(df)
+figures.save_figure(fig, FIG_DIR, "fig12_metrics")
 
 # %% [markdown]
 # ## Table 4
 
 # %%
-plots.table4(df)
+figures.table4(df)

@@ -25,7 +25,8 @@ import os
 
 import pandas as pd
 
-from harness import plots, scaling
+from harness import scaling
+from harness.plots import figures
 from harness.results import load
 
 SWEEP_DIRS = ["../outputs/demo"]
@@ -50,13 +51,13 @@ pd.DataFrame([law.to_dict() for law in fits.values()])
 # %%
 # Each figure draws the floor law unless its bootstrap leaves it undetermined; then the power law (legend says).
 for x in ("gflops", "train_compute_gflops"):
-    print(x, "floor law:", plots.law_problem(fits[x, "floor"]) or "determined")
-fig = plots.fig8_gflops(df, law=fits["gflops", "floor"], fallback=fits["gflops", "power"])
-plots.save_figure(fig, FIG_DIR, "law_gflops")
-fig = plots.fig9_compute(
+    print(x, "floor law:", figures.law_problem(fits[x, "floor"]) or "determined")
+fig = figures.fig8_gflops(df, law=fits["gflops", "floor"], fallback=fits["gflops", "power"])
+figures.save_figure(fig, FIG_DIR, "law_gflops")
+fig = figures.fig9_compute(
     df, law=fits["train_compute_gflops", "floor"], fallback=fits["train_compute_gflops", "power"]
 )
-plots.save_figure(fig, FIG_DIR, "law_compute")
+figures.save_figure(fig, FIG_DIR, "law_compute")
 
 # %% [markdown]
 # ## Held-out extrapolation: fit the cheaper cells, predict the two most expensive

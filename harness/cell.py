@@ -6,7 +6,7 @@ needs (cell.json), and how its network, objective and codec are built.
 
 Identity. A cell id is `DiT-<model>-<patch>_<cond>_<data>_s<seed>_<hash8>`; the hash is the sha256 of the
 canonical JSON of the config values that change what is trained. Which values those are is declared in
-the schema (harness.config: `identity`, `runtime`, `added`): a field added after cells existed enters the
+the schema (harness.core.config: `identity`, `runtime`, `added`): a field added after cells existed enters the
 hash only when it differs from its neutral value, so upgrading the harness never renames a cell of a
 running study, and a changed value that matters is a new cell.
 """
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import checkpoint, data, distributed, flops, lease, metric_spec, models
-from harness.config import (
+from harness.core import checkpoint, distributed, lease, vocabulary
+from harness.core.config import (
     ALWAYS,
     APPLIES_IF,
     CONF_DIR,
@@ -47,8 +47,10 @@ from harness.config import (
     section_schema,
     unknown_keys,
 )
+from harness.core.runfolder import atomic_write_bytes, atomic_write_json, read_json
+from harness.data import datasets
 from harness.diffusion import DEFAULT_DIFFUSION_STEPS, create_diffusion, create_flow, space_timesteps
-from harness.runfolder import atomic_write_bytes, atomic_write_json, read_json
+from harness.model import dit, flops
 
 CELL_FILE = "cell.json"
 CONFIG_FILE = "config.yaml"
@@ -203,8 +205,8 @@ def eval_problems(cfg: Any) -> list[str]:
         problems.append(f"eval.batch_size={e.batch_size} and eval.shard_size={e.shard_size} must be positive")
     if e.cfg_scale < 1.0:
         problems.append(f"eval.cfg_scale={e.cfg_scale} must be >= 1 (1 means no guidance)")
-    if e.cfg_channels is not None and cfg.data.name in data.DATA_KINDS:
-        channels = data.model_input_shape(cfg.data)[0]
+    if e.cfg_channels is not None and cfg.data.name in datasets.DATA_KINDS:
+        channels = datasets.model_input_shape(cfg.data)[0]
         if not 1 <= e.cfg_channels <= channels:
             problems.append(f"eval.cfg_channels={e.cfg_channels}: this cell's model has {channels} input channel(s); "
                             f"allowed: null (all) or 1..{channels}")
@@ -217,8 +219,8 @@ def eval_problems(cfg: Any) -> list[str]:
         if s <= 0 or (cfg.train.steps > 0 and s > cfg.train.steps):
             problems.append(f"eval.at_steps contains {s}: evaluation steps must lie in 1..train.steps="
                             f"{cfg.train.steps}")
-    if cfg.data.name in data.DATA_KINDS:  # else reported with the data set
-        problems += [f"eval.metrics: {p}" for p in metric_spec.metric_problems(list(e.metrics), extractor_for(cfg),
+    if cfg.data.name in datasets.DATA_KINDS:  # else reported with the data set
+        problems += [f"eval.metrics: {p}" for p in vocabulary.metric_problems(list(e.metrics), extractor_for(cfg),
                                                                              e.dinov2_model)]
     return problems
 
@@ -231,13 +233,13 @@ def mup_base_width(cfg: Any) -> int | None:
 def validate(cfg: Any) -> list[str]:
     """Returns every problem with one cell's config as readable strings (empty when it is fine)."""
     problems: list[str] = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
-    problems += data.validate_data(cfg.data)
+    problems += datasets.validate_data(cfg.data)
     try:
-        _, input_size = data.model_input_shape(cfg.data)
+        _, input_size = datasets.model_input_shape(cfg.data)
     except ValueError:  # unknown data set: already reported above
         input_size = None
     problems += [f"model.{p}" if p.startswith(("mup_base_width", "parametrization")) else p
-                 for p in models.validate_arch(cfg.model.name, cfg.patch, cfg.cond, input_size,
+                 for p in dit.validate_arch(cfg.model.name, cfg.patch, cfg.cond, input_size,
                                                hidden_size=cfg.model.hidden_size, num_heads=cfg.model.num_heads,
                                                parametrization=cfg.model.parametrization,
                                                mup_base_width=mup_base_width(cfg))]
@@ -259,7 +261,7 @@ def validate(cfg: Any) -> list[str]:
 
 def extractor_for(cfg: Any) -> str:
     """Returns the FID feature extractor of a cell's evaluation: eval.extractor, else its data kind's."""
-    return cfg.eval.extractor or data.data_kind(cfg.data.name).extractor
+    return cfg.eval.extractor or datasets.data_kind(cfg.data.name).extractor
 
 
 #################################################################################
@@ -279,7 +281,7 @@ def learn_sigma(cfg: Any) -> bool:
 
 def cell_facts(cfg: Any) -> dict:
     """Returns cell.json: what the analysis needs to place a cell, computed once (closed-form counts)."""
-    in_channels, input_size = data.model_input_shape(cfg.data)
+    in_channels, input_size = datasets.model_input_shape(cfg.data)
     cost = flops.model_cost(
         cfg.model.name, cfg.patch, cfg.cond, input_size=input_size, in_channels=in_channels,
         num_classes=cfg.data.num_classes, learn_sigma=learn_sigma(cfg), depth=cfg.model.depth,
@@ -388,8 +390,8 @@ def load_run_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
 
 def build_model(cfg: Any) -> torch.nn.Module:
     """Returns the cell's DiT, sized from its config and its data set's model-input shape."""
-    in_channels, input_size = data.model_input_shape(cfg.data)
-    return models.build(
+    in_channels, input_size = datasets.model_input_shape(cfg.data)
+    return dit.build(
         cfg.model.name, cfg.patch, cfg.cond,
         input_size=input_size, in_channels=in_channels, num_classes=cfg.data.num_classes,
         learn_sigma=learn_sigma(cfg), class_dropout_prob=cfg.train.class_dropout_prob,
@@ -437,10 +439,10 @@ def load_cell_model(cfg: Any, run_dir: Path, step: int, weights: str, device: to
     """
     path = check_checkpoint(run_dir, step)
     model = build_model(cfg)
-    models.load_checkpoint(checkpoint.load(path), model, key=weights)
+    dit.load_checkpoint(checkpoint.load(path), model, key=weights)
     model.to(device).eval()
-    in_channels, input_size = data.model_input_shape(cfg.data)
-    return model, data.build_codec(cfg.data, device=device), (in_channels, input_size, input_size)
+    in_channels, input_size = datasets.model_input_shape(cfg.data)
+    return model, datasets.build_codec(cfg.data, device=device), (in_channels, input_size, input_size)
 
 
 #################################################################################
@@ -459,7 +461,7 @@ class _NotHolding:
 
 @contextmanager
 def hold(run_dir: Path, purpose: str, env: distributed.DistEnv, wait_s: float | None) -> Iterator[Any]:
-    """Holds the cell's run folder (harness.lease) for this process group while the block runs.
+    """Holds the cell's run folder (harness.core.lease) for this process group while the block runs.
 
     Rank 0 takes the lease; every rank raises lease.LeaseHeld (naming the holder) when it cannot. wait_s:
     seconds to wait for another holder; None: the default policy (a requeued SLURM job waits for its earlier

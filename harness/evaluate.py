@@ -6,7 +6,7 @@
 
 Samples are written shard by shard (`harness.sample`), so a killed evaluation resumes without redoing
 finished shards. A record is written atomically once the metrics exist. Records are named by their
-settings (the fields of EvalConfig that name an evaluation, harness.config), never by the metric list:
+settings (the fields of EvalConfig that name an evaluation, harness.core.config), never by the metric list:
 an evaluation with the same settings and a metric the record lacks adds that metric to the record (from the
 same samples), never a second record; one made with other settings is never overwritten: it goes to
 `evals/step_N_<settings-hash>.json` beside the first.
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import checkpoint, cli, distributed
 from harness.cell import (
     check_checkpoint,
     eval_problems,
@@ -39,8 +38,10 @@ from harness.cell import (
     load_run_config,
     run_dir_for,
 )
-from harness.config import ALWAYS, NEUTRAL, NEVER, ROLE, EvalConfig, eval_steps
-from harness.runfolder import atomic_write_json, read_json
+from harness.core import checkpoint, cli, distributed
+from harness.core.config import ALWAYS, NEUTRAL, NEVER, ROLE, EvalConfig, eval_steps
+from harness.core.runfolder import atomic_write_json, read_json
+from harness.core.vocabulary import METRIC_OF_KEY
 from harness.sample import SAMPLE_KEYS, sample_to_npz, save_pngs
 
 log = logging.getLogger(__name__)
@@ -92,16 +93,11 @@ def _matches(record: dict, settings: dict) -> bool:
     return True
 
 
-# A record's value keys -> the metric that gives them (the others are named as their metric).
-_METRIC_OF_KEY = {"isc_mean": "isc", "isc_std": "isc", "kid_mean": "kid", "kid_std": "kid", "precision": "prc",
-                  "recall": "prc"}
-
-
 def requested_metrics(record: dict) -> list[str]:
     """Returns the metric names a record was asked for (a record without the list: those its values show)."""
     if isinstance(record.get("metrics_requested"), list):
         return list(record["metrics_requested"])
-    return sorted({_METRIC_OF_KEY.get(k, k) for k in (record.get("metrics") or {})})
+    return sorted({METRIC_OF_KEY.get(k, k) for k in (record.get("metrics") or {})})
 
 
 def record_for(cfg: Any, run_dir: Path, step: int) -> tuple[Path, dict | None]:
@@ -162,9 +158,9 @@ def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
     check_checkpoint(run_dir, step)  # before anything is held, loaded or trained
     env = distributed.init(cfg.device)
     if env.is_main:  # missing weights fail here, with what to fetch and where, before the lease and any sampling
-        from harness import metrics  # see _evaluate
+        from harness.metrics import fidelity  # see _evaluate
 
-        metrics.preflight(missing_metrics(cfg, existing), extractor_for(cfg), cuda=env.device.type == "cuda",
+        fidelity.preflight(missing_metrics(cfg, existing), extractor_for(cfg), cuda=env.device.type == "cuda",
                           dinov2_model=cfg.eval.dinov2_model)
     with hold(run_dir, "evaluate", env, cfg.lock_wait_s):
         record_path, existing = record_for(cfg, run_dir, step)  # again: another process may have just written it
@@ -178,7 +174,7 @@ def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
 def _evaluate(cfg, step: int, run_dir: Path, env, record_path: Path, existing: dict | None, todo: list[str]) -> dict:
     # Here, not at the top: torch-fidelity and the torchvision it loads take seconds to import, and the sweep
     # imports this module to plan (it asks which evaluations are done) long before anything is measured.
-    from harness import metrics
+    from harness.metrics import fidelity
 
     t0 = time.perf_counter()
     extractor = extractor_for(cfg)
@@ -194,7 +190,7 @@ def _evaluate(cfg, step: int, run_dir: Path, env, record_path: Path, existing: d
         with np.load(npz) as f:
             samples = f["arr_0"]
         reference, split = reference_set(cfg)
-        m = metrics.compute_metrics(
+        m = fidelity.compute_metrics(
             samples, reference, extractor=extractor, data_name=cfg.data.name, split=split, metrics=tuple(todo),
             device="cuda" if env.device.type == "cuda" else "cpu", dinov2_model=cfg.eval.dinov2_model,
         )
@@ -248,7 +244,7 @@ def _merge(existing: dict | None, new: dict, added: list[str]) -> dict:
 def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
     """Return (reference images uint8 N x H x W x 3, split label): ADM's reference batch when given,
     else the data set's own split."""
-    from harness import metrics  # see _evaluate
+    from harness.metrics import fidelity  # see _evaluate
     if cfg.eval.reference_npz:
         path = Path(cfg.eval.reference_npz)
         if not path.exists():
@@ -259,7 +255,7 @@ def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
             )
         with np.load(path) as f:
             return f["arr_0"], f"npz-{path.stem}"
-    return metrics.reference_images(cfg.data, cfg.eval.reference_split), cfg.eval.reference_split
+    return fidelity.reference_images(cfg.data, cfg.eval.reference_split), cfg.eval.reference_split
 
 
 def evaluate_cell(cfg: Any, run_dir: str | Path | None = None) -> list[dict]:

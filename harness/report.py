@@ -22,9 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import cli, plots, plots_optimal, scaling
+from harness import scaling
+from harness.core import cli
+from harness.core.runfolder import atomic_write_bytes
+from harness.core.vocabulary import NAMES
+from harness.plots import figures, optimal
 from harness.results import (
-    METRIC_NAMES,
     comparable,
     learning_rate_table,
     load,
@@ -33,16 +36,15 @@ from harness.results import (
     variant,
     variants,
 )
-from harness.runfolder import atomic_write_bytes
 
 REPORT_DIR = "report"
 FIGURES = {
-    "fig2_bubbles": ("Fig 2: FID at the comparison step, bubble area = Gflops", plots.fig2_bubbles),
-    "fig5_conditioning": ("Fig 5: conditioning variants over training", plots.fig5_conditioning),
-    "fig6_training": ("Fig 6: FID over training, by patch and by size", plots.fig6_training),
-    "fig8_gflops": ("Fig 8: FID against Gflops", plots.fig8_gflops),
-    "fig9_compute": ("Fig 9: FID against training compute", plots.fig9_compute),
-    "fig12_metrics": ("Fig 12: FID, sFID, IS, precision and recall against training compute", plots.fig12_metrics),
+    "fig2_bubbles": ("Fig 2: FID at the comparison step, bubble area = Gflops", figures.fig2_bubbles),
+    "fig5_conditioning": ("Fig 5: conditioning variants over training", figures.fig5_conditioning),
+    "fig6_training": ("Fig 6: FID over training, by patch and by size", figures.fig6_training),
+    "fig8_gflops": ("Fig 8: FID against Gflops", figures.fig8_gflops),
+    "fig9_compute": ("Fig 9: FID against training compute", figures.fig9_compute),
+    "fig12_metrics": ("Fig 12: FID, sFID, IS, precision and recall against training compute", figures.fig12_metrics),
 }
 FITS = (
     ("gflops_floor", "gflops", "floor"),
@@ -146,7 +148,7 @@ def overview(ctx: Context) -> list[str]:
         md += ["Cells not finished:", "", _md_table(unfinished[["cell_id", "state", "reason", "step"]]), ""]
     last = last_evaluations(ctx.df)
     if len(last):
-        md += ["Each cell's last evaluation:", "", _md_table(last.rename(columns=METRIC_NAMES)), ""]
+        md += ["Each cell's last evaluation:", "", _md_table(last.rename(columns=NAMES)), ""]
     return md
 
 
@@ -178,11 +180,11 @@ def _figure_laws(ctx: Context, name: str) -> tuple[dict, str | None]:
     if key is None:
         return {}, None
     floor, power = ctx.fits.get(f"{key}_floor"), ctx.fits.get(f"{key}_power")
-    drawn, _ = plots.choose_law(floor, power)
+    drawn, _ = figures.choose_law(floor, power)
     note = None
     if floor is not None and drawn is not floor:
         note = (f"The line is the power law `{key}_power`: the floor law `{key}_floor` is undetermined "
-                f"({plots.law_problem(floor)}).")
+                f"({figures.law_problem(floor)}).")
     return {"law": floor, "fallback": power}, note
 
 
@@ -198,14 +200,14 @@ def figure(ctx: Context, name: str) -> list[str]:
         fig = fn(ctx.df, allow_mixed=ctx.allow_mixed, **kw)
     except ValueError as e:
         return [f"- {title}: skipped ({e})", ""]
-    paths = plots.save_figure(fig, ctx.out, name)
+    paths = figures.save_figure(fig, ctx.out, name)
     md = [f"### {title}", "", f"![{title}]({paths[0].name}) ([PDF]({paths[1].name}))", ""]
     return md + ([note, ""] if note else [])
 
 
 def paper_note(ctx: Context) -> list[str]:
     rows, label = comparable(ctx.df, ctx.metric, allow_mixed=ctx.allow_mixed)
-    shared = plots.paper_comparable(rows, ctx.metric)
+    shared = figures.paper_comparable(rows, ctx.metric)
     text = "Stars mark the paper's values (FID-50K, ImageNet 256x256, 400K steps, no guidance)."
     if not shared:
         text += (f" Our numbers ({label}) are another metric (another extractor or data set), so the paper's values "
@@ -216,7 +218,7 @@ def paper_note(ctx: Context) -> list[str]:
 
 
 def table4(ctx: Context) -> list[str]:
-    t4 = plots.table4(ctx.df, metric=ctx.metric, allow_mixed=ctx.allow_mixed)
+    t4 = figures.table4(ctx.df, metric=ctx.metric, allow_mixed=ctx.allow_mixed)
     save_table(t4, ctx.out / "table4.csv")
     return ["## Table 4", "", _md_table(t4), "", "[table4.csv](table4.csv)", ""]
 
@@ -273,13 +275,13 @@ def _eval_rows(df: pd.DataFrame) -> pd.DataFrame:
 # file name -> (title, the fit it needs, how to draw it from the fits)
 COMPUTE_OPTIMAL_FIGURES = {
     "compute_optimal_isoflop": ("IsoFLOP profiles", "isoflop",
-                                lambda f: plots_optimal.fig_isoflop_profiles(f["isoflop"])),
+                                lambda f: optimal.fig_isoflop_profiles(f["isoflop"])),
     "compute_optimal_size": ("Compute-optimal size against training compute", "isoflop",
-                             lambda f: plots_optimal.fig_size_opt(f["isoflop"], f["joint"])),
+                             lambda f: optimal.fig_size_opt(f["isoflop"], f["joint"])),
     "compute_optimal_loss_to_fid": ("FID against validation loss", "loss_to_fid",
-                                    lambda f: plots_optimal.fig_loss_to_fid(f["loss_to_fid"])),
+                                    lambda f: optimal.fig_loss_to_fid(f["loss_to_fid"])),
     "compute_optimal_joint": ("The joint law against what was measured", "joint",
-                              lambda f: plots_optimal.fig_joint_predicted(f["joint"], f.get("holdout"))),
+                              lambda f: optimal.fig_joint_predicted(f["joint"], f.get("holdout"))),
 }
 
 
@@ -352,7 +354,7 @@ def _compute_optimal(ctx: Context, val_df: pd.DataFrame, eval_df: pd.DataFrame, 
             md += [f"- {title}: not drawn (no such fit, see the notes above)", ""]
             continue
         try:
-            paths = plots.save_figure(draw(fits), ctx.out, fig_name + suffix)
+            paths = figures.save_figure(draw(fits), ctx.out, fig_name + suffix)
         except ValueError as e:
             md += [f"- {title}: not drawn ({cli.one_line(e)})", ""]
             continue

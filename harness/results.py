@@ -19,35 +19,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import cli
-from harness.compute import paper_table, train_compute_gflops, train_flops
-from harness.runfolder import atomic_open, read_jsonl, read_status
+from harness.core import cli
+from harness.core.compute import paper_table, train_compute_gflops, train_flops
+from harness.core.runfolder import atomic_open, read_jsonl, read_status
+from harness.core.vocabulary import (  # noqa: F401 - the labels the results table uses, read from here by the analysis
+    NAMES,
+    PAPER_EXTRACTOR,
+    VALUE_KEYS,
+    format_samples,
+    metric_label,
+)
 
 SWEEP_MARKER = "sweep.json"
 CELL_FILE = "cell.json"
 # step_N.json, and step_N_<settings hash>.json for a later evaluation of the same step with other settings
 EVAL_FILE_RE = re.compile(r"^step_(\d+)(?:_[0-9a-f]{8})?\.json$")
-# The extractor that reproduces the paper's TensorFlow Inception features; any other extractor's FID is
-# a different number and is labelled with the extractor's name (docs/run_folder.md).
-PAPER_EXTRACTOR = "inception-v3-compat"
 PAPER_NUM_SAMPLES = 50_000  # FID-50K (paper, Table 4)
 PAPER_GLOBAL_BATCH = 256  # paper, section 5: every cell of the grid trains with batch 256
-DIGITS_EXTRACTOR_PREFIX = "digits"
-# Metric keys of an evaluation record, in the order tables show them.
-METRICS = ("fid", "sfid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "fd_dinov2")
-OWN_SPACE_METRICS = ("fd_dinov2",)  # measured in their own feature space, whatever the record's extractor
-METRIC_NAMES = {
-    "fid": "FID",
-    "sfid": "sFID",
-    "isc_mean": "Inception Score",
-    "isc_std": "IS std",
-    "kid_mean": "KID",
-    "kid_std": "KID std",
-    "precision": "Precision",
-    "recall": "Recall",
-    "fd_dinov2": "FD-DINOv2",
-    "val_loss": "validation loss",
-}
+METRICS = VALUE_KEYS  # the metric columns, in the order tables show them
 # Evaluation settings carried into the table: they decide whether two numbers are comparable.
 EVAL_SETTINGS = (
     "num_samples",
@@ -315,24 +304,6 @@ def load_results(sweep_dirs: str | os.PathLike | list) -> pd.DataFrame:
     return df
 
 
-def format_samples(num_samples: float) -> str:
-    """Returns a sample count the way papers write it: 50000 -> '50K', 1500 -> '1.5K', 800 -> '800'."""
-    n = int(num_samples)
-    return f"{n / 1000:g}K" if n >= 1000 else str(n)
-
-
-def metric_label(metric: str, num_samples: float | None = None, extractor: str | None = None) -> str:
-    """Returns an axis label for `metric`: 'FID-50K', 'FID-5K (digits extractor)', 'validation loss'."""
-    name = METRIC_NAMES.get(metric, metric)
-    if num_samples is not None and not pd.isna(num_samples) and metric in METRICS:
-        name = f"{name}-{format_samples(num_samples)}"
-    if (extractor and not pd.isna(extractor) and extractor != PAPER_EXTRACTOR and metric in METRICS
-            and metric not in OWN_SPACE_METRICS):
-        short = "digits" if str(extractor).startswith(DIGITS_EXTRACTOR_PREFIX) else str(extractor)
-        name = f"{name} ({short} extractor)"
-    return name
-
-
 def variant(objective: str | None, parametrization: str | None) -> str:
     """Returns how a cell's training differs from the paper's: '' for the paper's (ddpm, sp), else e.g.
     'flow', 'mup', 'flow mup'."""
@@ -364,14 +335,14 @@ def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False)
     if metric not in METRICS:  # losses have no sample count or extractor, but each objective its own scale
         objectives = sorted(rows.get("objective", pd.Series(dtype=object)).dropna().unique().tolist())
         if len(objectives) > 1 and not allow_mixed:
-            raise ValueError(f"refusing to compare {METRIC_NAMES.get(metric, metric)} across objectives {objectives}: "
+            raise ValueError(f"refusing to compare {NAMES.get(metric, metric)} across objectives {objectives}: "
                              "each objective's loss has its own scale. Select one, e.g. "
                              f"df[df.objective == {objectives[0]!r}], or pass allow_mixed=True")
         return rows, metric_label(metric)
     guided = sorted(set(rows["guided"].dropna().astype(bool))) if "guided" in rows else []
     if len(guided) > 1 and not allow_mixed:
         scales = sorted(rows["cfg_scale"].dropna().unique().tolist())
-        raise ValueError(f"refusing to mix guided and unguided {METRIC_NAMES.get(metric, metric)} values (cfg scales "
+        raise ValueError(f"refusing to mix guided and unguided {NAMES.get(metric, metric)} values (cfg scales "
                          f"{scales}): guidance lowers FID by a factor of several. Select one, e.g. "
                          "df[~df.guided] (the grid's protocol) or df[df.preset == 'fid50k_cfg'], or pass "
                          "allow_mixed=True")
@@ -386,13 +357,13 @@ def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False)
     mixed = len(counts) > 1 or len(extractors) > 1
     if mixed and not allow_mixed:
         raise ValueError(
-            f"refusing to mix incomparable {METRIC_NAMES.get(metric, metric)} values: sample counts "
+            f"refusing to mix incomparable {NAMES.get(metric, metric)} values: sample counts "
             f"{[int(c) for c in counts]}, extractors {extractors} (fewer samples inflate FID; another "
             f"extractor is another metric). Select one setting, e.g. df[df.num_samples == {int(counts[-1])}],"
             f" or pass allow_mixed=True"
         )
     if mixed or len(guided) > 1:
-        return rows, f"{METRIC_NAMES.get(metric, metric)} (mixed settings)"
+        return rows, f"{NAMES.get(metric, metric)} (mixed settings)"
     label = metric_label(metric, counts[0] if counts else None, extractors[0] if extractors else None)
     if guided == [True]:
         scales = sorted(rows["cfg_scale"].dropna().unique().tolist())

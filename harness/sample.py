@@ -23,14 +23,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from harness import cli, distributed, models
-from harness.autoencoder import VAECodec, vae_geometry
 from harness.cell import load_cell_model, load_run_config, sampler_problems
-from harness.checkpoint import checkpoint_source
-from harness.config import DDPM_SAMPLERS, LABEL_SAMPLINGS, SAMPLERS, EvalConfig
-from harness.data import to_uint8_rgb
+from harness.core import cli, distributed
+from harness.core.checkpoint import checkpoint_source
+from harness.core.config import DDPM_SAMPLERS, LABEL_SAMPLINGS, SAMPLERS, EvalConfig
+from harness.core.runfolder import atomic_open, atomic_write_json, read_json
+from harness.data.codec import VAECodec, vae_geometry
+from harness.data.datasets import to_uint8_rgb
 from harness.diffusion import create_diffusion, create_flow, guided_model_fn
-from harness.runfolder import atomic_open, atomic_write_json, read_json
+from harness.model import dit
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +253,11 @@ def load_released(path: str | Path, args: argparse.Namespace, device: torch.devi
         raise ValueError(f"--image-size {args.image_size} is not divisible by the VAE's downsample factor "
                          f"{downsample} ({args.vae})")
     latent = args.image_size // downsample
-    model = models.build(args.model, args.patch, args.cond, input_size=latent, in_channels=channels,
+    model = dit.build(args.model, args.patch, args.cond, input_size=latent, in_channels=channels,
                          num_classes=args.num_classes, depth=args.depth, hidden_size=args.hidden_size,
                          num_heads=args.num_heads)
     try:
-        models.load_checkpoint(str(path), model, key=args.weights)
+        dit.load_checkpoint(str(path), model, key=args.weights)
     except ValueError as e:
         built = f"{args.model}/{args.patch} {args.cond}, input {channels}x{latent}x{latent}"
         raise ValueError(f"{path}: {e} (built {built}; check --model, --depth, --hidden-size, --num-heads, "
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", help="a cell's run folder (its config.yaml decides the model)")
     p.add_argument("--step", type=int, help="checkpoint step of --run-dir")
     p.add_argument("--ckpt", help="a checkpoint file, e.g. the released DiT-XL-2-256x256.pt")
-    p.add_argument("--model", default="XL", help=f"size for --ckpt: {list(models.MODEL_SIZES)}, or any "
+    p.add_argument("--model", default="XL", help=f"size for --ckpt: {list(dit.MODEL_SIZES)}, or any "
                    "off-paper name with --depth, --hidden-size and --num-heads")
     p.add_argument("--depth", type=int, default=None, help="override the size's depth (--ckpt)")
     p.add_argument("--hidden-size", type=int, default=None, help="override the size's width (--ckpt)")

@@ -5,7 +5,7 @@
 
 A cell of the grid (sweep.json) that has no run folder yet is `queued`; a cell whose files cannot be read
 is `unreadable` with the reason, and the rest of the table is still shown. The `holder` column names the
-process that holds a cell's run folder (harness.lease), flagged `STALE` when its heartbeat stopped.
+process that holds a cell's run folder (harness.core.lease), flagged `STALE` when its heartbeat stopped.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness import cli, lease
-from harness.runfolder import read_json, read_jsonl, read_status
+from harness.core import cli, lease
+from harness.core.runfolder import read_json, read_jsonl, read_status
 
 SWEEP_FILE = "sweep.json"
 CELL_FILE = "cell.json"

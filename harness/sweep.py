@@ -32,7 +32,6 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from harness import cli, distributed, lease, throughput
 from harness.cell import (
     cell_facts,
     cell_id,
@@ -44,16 +43,18 @@ from harness.cell import (
     run_dir_for,
     validate,
 )
-from harness.compute import train_compute_gflops
-from harness.config import CONF_DIR, compact_error, compose, eval_steps
+from harness.core import cli, distributed, lease, throughput
+from harness.core.compute import train_compute_gflops
+from harness.core.config import CONF_DIR, compact_error, compose, eval_steps
+from harness.core.runfolder import atomic_write_json, now_iso, read_json, read_status, update_status
 from harness.evaluate import evaluate_cell, evaluation_done
-from harness.runfolder import atomic_write_json, now_iso, read_json, read_status, update_status
 from harness.train import Preempted, train
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_SLACK = 1.25  # a job's time limit is its estimated wall time plus 25%
 MIN_TIMEOUT_MIN = 60
+REASON_CHARS = 600  # a failure's reason in status.json: enough for a traceback's last line and the file
 
 
 def _fail(message: str, code: int = cli.BAD_INPUT_EXIT) -> None:
@@ -261,7 +262,7 @@ def _job_value(ret: JobReturn) -> dict:
     """Returns a cell's result dict from Hydra's JobReturn; a job that raised becomes a failure with its reason."""
     if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, dict):
         return ret.return_value
-    return {"state": "failed", "reason": _first_line(ret._return_value)}
+    return {"state": "failed", "reason": _reason(ret._return_value)}
 
 
 def _is_submitit(launcher) -> bool:
@@ -303,7 +304,7 @@ def _launch_submitit(launcher, todo: list) -> list[tuple[Any, dict]]:
         try:
             value = _job_value(job.results()[0])
         except Exception as e:  # noqa: BLE001 - the job died without a result
-            value = {"state": "failed", "reason": f"job {job.job_id} ended without a result: {_first_line(e)}"}
+            value = {"state": "failed", "reason": f"job {job.job_id} ended without a result: {_reason(e)}"}
             run_dir = run_dir_for(c)
             if (run_dir.exists() and read_status(run_dir).get("state") != "finished"
                     and held_by_ended_job_or_nobody(lease.read_lease(run_dir), job.job_id)):
@@ -420,9 +421,9 @@ def _write_report(sweep_dir: Path) -> list[str]:
     return report.not_written
 
 
-def _first_line(e: Any) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0] if "\n" not in text[:300] else text[:600]
+def _reason(e: Any) -> str:
+    """Returns why a job or task failed, as status.json records it: one line of at most REASON_CHARS."""
+    return cli.one_line(e, limit=REASON_CHARS)
 
 
 # ---- the task: one cell ----
@@ -453,7 +454,7 @@ def run_cell(cfg: DictConfig) -> dict:
                 raise
             except Exception as e:  # noqa: BLE001 - a failed cell records why and lets the others go on
                 log.exception("cell %s failed", run_dir.name)
-                reason = f"{type(e).__name__}: {_first_line(e)}"
+                reason = f"{type(e).__name__}: {_reason(e)}"
                 if env.is_main and not held.lost:  # a folder taken over is not ours to write
                     try:
                         update_status(run_dir, state="failed", reason=reason)
@@ -464,7 +465,7 @@ def run_cell(cfg: DictConfig) -> dict:
         raise  # submitit requeues the job; the next attempt resumes from the checkpoint
     except Exception as e:  # noqa: BLE001 - the folder could not be made or taken: nothing of it was touched
         log.exception("cell %s could not start", run_dir.name)
-        return {"run_dir": str(run_dir), "state": "failed", "reason": f"{type(e).__name__}: {_first_line(e)}"}
+        return {"run_dir": str(run_dir), "state": "failed", "reason": f"{type(e).__name__}: {_reason(e)}"}
 
 
 def _trained(cfg: DictConfig, run_dir: Path) -> bool:

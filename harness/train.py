@@ -34,7 +34,6 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from harness import checkpoint, cli, distributed, lease, mup, runfolder
 from harness.cell import (
     build_model,
     build_objective,
@@ -46,9 +45,11 @@ from harness.cell import (
     run_dir_for,
     validate,
 )
-from harness.config import compose, eval_steps
-from harness.data import build_codec, build_dataset, data_kind
-from harness.runfolder import append_jsonl, read_status, update_status
+from harness.core import checkpoint, cli, distributed, lease, runfolder
+from harness.core.config import compose, eval_steps
+from harness.core.runfolder import append_jsonl, read_status, update_status
+from harness.data.datasets import build_codec, build_dataset, data_kind
+from harness.model import mup
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import config
+from harness.core import config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Bad input to every command, run as a user runs it (`python -m harness.<command> ...` from the repository root).
 
-Each case must exit 2 (1 for a run that failed, harness.cli), print no traceback, print exactly one line on
+Each case must exit 2 (1 for a run that failed, harness.core.cli), print no traceback, print exactly one line on
 stderr, `error: ...`, naming the bad key, value or file (and nothing on stdout), and leave the disk as it was:
 no output folder, no Hydra folder, no file written, touched or removed, no lease taken and given back. With
 HARNESS_DEBUG=1 (or HYDRA_FULL_ERROR=1) the traceback is back. No stderr line is excused as a harmless library
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from helpers import TINY_CELL, one_thread_env, run_module
 
-from harness import checkpoint
-from harness.runfolder import read_json
+from harness.core import checkpoint
+from harness.core.runfolder import read_json
 
 STEPS = 4  # the trained cell has checkpoints at steps 2 and 4
 CKPT_FILE = checkpoint.ckpt_path(Path("checkpoints"), STEPS)  # relative to a run folder
@@ -312,6 +312,6 @@ def test_debug_shows_the_traceback(variable, tmp_path):
 
 def test_the_table_covers_every_command():
     assert {c.module for c in CASES} >= {"harness.train", "harness.sweep", "harness.evaluate", "harness.sample",
-                                         "harness.precompute", "harness.status", "harness.report", "harness.results",
-                                         "harness.flops", "harness.mup", "harness.bench"}
+                                         "harness.data.precompute", "harness.status", "harness.report",
+                                         "harness.results", "harness.model.flops", "harness.model.mup", "harness.bench"}
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)

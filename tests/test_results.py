@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from fixtures_results import PAPER_BATCH, PAPER_STEPS, TRAIN_STEPS, eval_record, make_paper_sweep, paper_rows
 
-from harness.flops import train_compute_gflops
-from harness.results import comparable, comparison_step, load, load_results, main, metric_label, paper_results
+from harness.model.flops import train_compute_gflops
+from harness.results import comparable, comparison_step, load, load_results, main, paper_results
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,6 @@ def test_mixed_sample_counts_or_extractors_refused_unless_allowed(tmp_path):
     df.loc[0, ["num_samples", "extractor"]] = [50_000, "digits-cnn"]
     with pytest.raises(ValueError, match="extractors"):
         comparable(df, "fid")
-
-
-def test_metric_labels_name_sample_count_and_extractor():
-    assert metric_label("fid", 50_000, "inception-v3-compat") == "FID-50K"
-    assert metric_label("fid", 5_000, "digits-cnn") == "FID-5K (digits extractor)"
-    assert metric_label("val_loss") == "validation loss"
-    # FD-DINOv2 is measured in DINOv2's space whatever extractor the record's FID used
-    assert metric_label("fd_dinov2", 500, "digits-cnn") == "FD-DINOv2-500"
 
 
 def test_paper_results_match_table4():

@@ -18,10 +18,11 @@ import pytest
 from fixtures_results import make_demo_sweep
 from helpers import REPO, TINY_CELL, one_thread_env, run_module, wait_for_file
 
-from harness import checkpoint, lease, status
+from harness import status
+from harness.core import checkpoint, lease
+from harness.core.runfolder import read_json, read_jsonl, read_status
 from harness.report import build_report
 from harness.results import load_results
-from harness.runfolder import read_json, read_jsonl, read_status
 
 STEPS = 40
 TINY = [*TINY_CELL, "patch=4", "train.log_every=5", "train.val_every=20", "train.keep_last=100", "eval=digits",

@@ -16,11 +16,13 @@ import torch
 from helpers import one_thread_env
 from omegaconf import OmegaConf
 
-from harness import checkpoint, distributed, models, sample
-from harness.autoencoder import IdentityCodec, VAECodec
+from harness import sample
 from harness.cell import build_model, config_hash, load_cell_model, load_run_config, prepare_run_dir
-from harness.config import Config, EvalConfig
-from harness.metrics import to_uint8_rgb
+from harness.core import checkpoint, distributed
+from harness.core.config import Config, EvalConfig
+from harness.data.codec import IdentityCodec, VAECodec
+from harness.metrics.fidelity import to_uint8_rgb
+from harness.model import dit
 
 TINY_ARCH = dict(depth=1, hidden_size=32, num_heads=2)
 STEP = 2
@@ -167,7 +169,7 @@ def test_uint8_rule_is_clamp_127_5_x_plus_128():
 
 def _latent_model(seed: int = 3) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return _perturb(models.build("demo", 2, input_size=4, in_channels=4, num_classes=10, **TINY_ARCH), seed)
+    return _perturb(dit.build("demo", 2, input_size=4, in_channels=4, num_classes=10, **TINY_ARCH), seed)
 
 
 def test_sampler_and_guidance_options_change_samples_deterministically():

@@ -19,10 +19,12 @@ from helpers import TINY_CELL, ConfigPlus
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from harness import cell, checkpoint, config, flops, status, sweep
+from harness import cell, status, sweep
 from harness.cell import load_run_config
-from harness.config import Config
-from harness.runfolder import read_json, read_jsonl, update_status
+from harness.core import checkpoint, config
+from harness.core.config import Config
+from harness.core.runfolder import read_json, read_jsonl, update_status
+from harness.model import flops
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_TIMEOUT_S = 300  # a hung sweep fails the test instead of the CI job

@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import TINY_CELL, one_thread_env, wait_for_file
 
-from harness import checkpoint
 from harness.cell import build_model, load_run_config
-from harness.runfolder import read_json, read_jsonl
+from harness.core import checkpoint
+from harness.core.runfolder import read_json, read_jsonl
 from harness.train import batch_plan
 
 TINY = [*TINY_CELL, "patch=4", "train.log_every=2", "train.val_every=10", "train.keep_last=100", "eval=digits"]

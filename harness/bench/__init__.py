@@ -6,7 +6,7 @@ Every setting of one run is timed in the same process, interleaved round by roun
 ratios to the plain fp32 eager baseline hold on a noisy machine; each figure is the median of `repeats`
 timed chunks of `steps` steps after `warmup` untimed ones. The training benchmark times the trainer's own
 step (harness.train.make_stepper and train_step). Utilisation (MFU) is the model's real FLOPs (2 per
-multiply-add of harness.flops, x3 for forward + backward; gradient-checkpoint recompute and the VAE not
+multiply-add of harness.model.flops, x3 for forward + backward; gradient-checkpoint recompute and the VAE not
 counted) over the dense peak of the device for the setting's precision: a table for known GPUs, a measured
 matmul for the CPU or an unknown device. Nothing else in the harness imports this package.
 

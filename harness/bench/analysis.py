@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import flops
 from harness.bench.common import environment
-from harness.models import CONDS, MODEL_SIZES, PATCH_SIZES
+from harness.core.runfolder import atomic_write_json
+from harness.model import flops
+from harness.model.dit import CONDS, MODEL_SIZES, PATCH_SIZES
 from harness.report import build_report
-from harness.runfolder import atomic_write_json
 
 BATCH = 256
 STEPS = 400_000

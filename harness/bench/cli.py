@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from harness import bench, cli, throughput
+from harness import bench
 from harness.bench.analysis import bench_analysis
 from harness.bench.analysis import describe as describe_analysis
 from harness.bench.common import IMAGENET_CLASSES, VAES, Cell, environment, resolve_device, write_progress
@@ -19,7 +19,8 @@ from harness.bench.plan import PAPER_GRID, bench_plan
 from harness.bench.report import format_table, summarize
 from harness.bench.sample import bench_sample
 from harness.bench.train import bench_train, recorded_setting
-from harness.models import CONDS, PATCH_SIZES
+from harness.core import cli, throughput
+from harness.model.dit import CONDS, PATCH_SIZES
 
 
 def _cell_args(p: argparse.ArgumentParser) -> None:

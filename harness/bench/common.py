@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from harness import flops, models
-from harness.autoencoder import TINY_VAE, VAECodec
-from harness.config import TrainConfig
-from harness.runfolder import atomic_write_json
+from harness.core.config import TrainConfig
+from harness.core.runfolder import atomic_write_json
+from harness.data.codec import TINY_VAE, VAECodec
+from harness.model import dit, flops
 
 # Dense (no sparsity) peak TFLOP/s of one GPU, from the vendors' data sheets. Matched against
 # torch.cuda.get_device_name() by `peak_table_entry`, most specific name first.
@@ -267,12 +267,12 @@ class Cell:
         device = device or torch.device("cpu")
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(0)
-            return models.build(self.model, self.patch, self.cond, learn_sigma=True,
+            return dit.build(self.model, self.patch, self.cond, learn_sigma=True,
                                 class_dropout_prob=CLASS_DROPOUT_PROB, grad_checkpoint=grad_checkpoint,
                                 **self.arch())
 
     def cost(self) -> dict:
-        """Returns dict(params, gflops, tokens) of harness.flops (paper-convention Gflops: multiply-adds of
+        """Returns dict(params, gflops, tokens) of harness.model.flops (paper-convention Gflops: multiply-adds of
         one forward pass of one image, counted by fvcore)."""
         return flops.model_cost(self.model, self.patch, self.cond, **self.arch())
 

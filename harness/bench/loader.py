@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness import data
-from harness.autoencoder import DEFAULT_VAE, SD_VAE_GEOMETRY, encoder_id
 from harness.bench.common import IMAGENET_CLASSES, device_name
-from harness.data import LatentShardDataset
-from harness.precompute import STORE_DTYPES
-from harness.runfolder import atomic_write_json, file_sha256
+from harness.core.runfolder import atomic_write_json, file_sha256
+from harness.data import datasets
+from harness.data.codec import DEFAULT_VAE, SD_VAE_GEOMETRY, encoder_id
+from harness.data.datasets import LatentShardDataset
+from harness.data.precompute import STORE_DTYPES
 from harness.train import DataOrder
 
 # The latent loader must never starve a GPU; this is the rate it must reach on this CPU.
@@ -28,7 +28,7 @@ LATENT_SHAPE_256 = (LATENT_CHANNELS, 256 // VAE_DOWNSAMPLE, 256 // VAE_DOWNSAMPL
 
 def write_latent_shards(root: str | Path, count: int, latent_shape=LATENT_SHAPE_256, dtype: str = "float16",
                         shard_size: int = 4096, num_classes: int = IMAGENET_CLASSES, seed: int = 0) -> Path:
-    """Writes `count` random posterior moments as latent shards (harness.precompute's format); returns root."""
+    """Writes `count` random posterior moments as latent shards (harness.data.precompute's format); returns root."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
     if count < 1 or shard_size < 1:
@@ -41,16 +41,16 @@ def write_latent_shards(root: str | Path, count: int, latent_shape=LATENT_SHAPE_
         n = min(shard_size, count - start)
         moments = rng.standard_normal((n, 2, 2, *latent_shape), dtype=np.float32)
         moments[:, :, 1] = np.abs(moments[:, :, 1]) * 0.1  # the std rows are positive
-        moments_name, labels_name, _ = data.shard_names(k)
+        moments_name, labels_name, _ = datasets.shard_names(k)
         np.save(root / moments_name, moments.astype(dtype))
         np.save(root / labels_name, rng.integers(0, num_classes, n).astype(np.int64))
         shards.append(dict(file=moments_name, labels_file=labels_name, count=n,
                            sha256=file_sha256(root / moments_name), labels_sha256=file_sha256(root / labels_name)))
-    meta = dict(format=data.SHARD_FORMAT, vae=DEFAULT_VAE, encoder=encoder_id(DEFAULT_VAE),
+    meta = dict(format=datasets.SHARD_FORMAT, vae=DEFAULT_VAE, encoder=encoder_id(DEFAULT_VAE),
                 resolution=latent_shape[-1] * VAE_DOWNSAMPLE, latent_shape=list(latent_shape), dtype=dtype,
-                layout=data.MOMENTS_LAYOUT, shard_size=shard_size, count=count, num_classes=num_classes,
+                layout=datasets.MOMENTS_LAYOUT, shard_size=shard_size, count=count, num_classes=num_classes,
                 source="harness.bench (random moments)", shards=shards)
-    atomic_write_json(root / data.META_FILE, meta)
+    atomic_write_json(root / datasets.META_FILE, meta)
     return root
 
 

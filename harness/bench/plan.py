@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from harness import throughput
 from harness.bench.common import IMAGENET_CLASSES, device_name
 from harness.bench.loader import LATENT_SHAPE_256, write_latent_shards
-from harness.config import REPO_ROOT, compose
+from harness.core import throughput
+from harness.core.config import REPO_ROOT, compose
 
 PAPER_GRID = ("model=S,B,L,XL", "patch=2,4,8", "cond=in_context,cross_attn,adaln,adaln_zero")
 PLAN_DATA = "latents256"
@@ -141,5 +141,5 @@ def _in_process_rows(cells: list[list[str]], fixed: list[str], repeats: int) -> 
         for cfg in cfgs:
             sweep.plan_row(cfg, rate)
         runs.append((time.perf_counter() - t0, time.process_time() - cpu0))
-    return [_row("compose", "harness.config.compose of every cell, in process", [compose_run]),
+    return [_row("compose", "harness.core.config.compose of every cell, in process", [compose_run]),
             _row("plan_row", "harness.sweep.plan_row of every composed cell, in process", runs)]

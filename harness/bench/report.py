@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness.bench.common import environment
 from harness.bench.sample import FID_HOURS_KEY, FID_LABEL
-from harness.runfolder import atomic_write_bytes, atomic_write_json
+from harness.core.runfolder import atomic_write_bytes, atomic_write_json
 
 
 def format_table(record: dict) -> str:

@@ -11,7 +11,6 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from harness.autoencoder import IdentityCodec
 from harness.bench.common import (
     Cell,
     add_ratios,
@@ -26,7 +25,8 @@ from harness.bench.common import (
     time_chunks,
     write_progress,
 )
-from harness.config import CONF_DIR, EvalConfig
+from harness.core.config import CONF_DIR, EvalConfig
+from harness.data.codec import IdentityCodec
 from harness.sample import generate
 
 # The grid's FID-50K protocol (paper section 5): its one home is the schema's evaluation defaults.

@@ -28,7 +28,7 @@ from harness.bench.common import (
     time_chunks,
     write_progress,
 )
-from harness.config import TrainConfig
+from harness.core.config import TrainConfig
 from harness.diffusion import create_diffusion
 from harness.train import autocast_for, draw_step, make_stepper, train_step
 
@@ -74,7 +74,7 @@ DEFAULT_TRAIN_SETTINGS = {
 
 
 def train_config(setting: TrainSetting) -> TrainConfig:
-    """Returns the paper's training recipe (harness.config.TrainConfig: AdamW 1e-4, no weight decay, EMA
+    """Returns the paper's training recipe (harness.core.config.TrainConfig: AdamW 1e-4, no weight decay, EMA
     0.9999, fused AdamW on CUDA) with the setting's precision, compilation and TF32."""
     return replace(TrainConfig(), precision=setting.precision, compile=setting.compile, tf32=setting.tf32)
 

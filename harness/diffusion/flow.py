@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from harness.config import FLOW_SAMPLERS, TIME_SAMPLINGS  # the allowed names: one home, with the config
+from harness.core.config import FLOW_SAMPLERS, TIME_SAMPLINGS  # the allowed names: one home, with the config
 from harness.diffusion.gaussian import randn_per_sample
 from harness.diffusion.losses import mean_flat
 

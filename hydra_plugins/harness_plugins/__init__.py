@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.plugins.sweeper import Sweeper
 
-from harness.config import REPO_ROOT  # its `sweeps/` folder becomes the config group `sweeps` (named grids)
+from harness.core.config import REPO_ROOT  # its `sweeps/` folder becomes the config group `sweeps` (named grids)
 
 
 class HarnessSearchPath(SearchPathPlugin):

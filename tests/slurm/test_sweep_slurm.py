@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import checkpoint
-from harness.runfolder import read_json, read_jsonl
+from harness.core import checkpoint
+from harness.core.runfolder import read_json, read_jsonl
 
 from .conftest import run_client
 

@@ -1,0 +1,128 @@
+"""Figures of the compute-optimal analyses draw what their results hold (found by gid) and refuse absent data."""
+
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from fixtures_scaling import dense_sweep, sweep_tables, true_budget
+
+from harness.plots import optimal
+from harness.plots.figures import save_figure
+from harness.scaling.joint import (
+    fit_joint_law,
+    fit_joint_table,
+    fit_loss_to_fid,
+    fit_loss_to_fid_table,
+    holdout_check,
+    isoflop_profiles,
+)
+
+
+def gids(fig, gid):
+    """Returns the artists of `fig` with this gid (lines, collections, containers' parts)."""
+    return [a for a in fig.findobj() if a.get_gid() == gid]
+
+
+def legend_texts(fig) -> list[str]:
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    return [t.get_text() for leg in legends for t in leg.get_texts()]
+
+
+@pytest.fixture(scope="module")
+def fits():
+    val, ev = sweep_tables()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "joint": fit_joint_table(val, n_resamples=100),
+            "iso": isoflop_profiles(val, n_resamples=100),
+            "fid": fit_loss_to_fid_table(ev, n_resamples=100),
+            "holdout": holdout_check(val, ev, n_resamples=50),
+        }
+
+
+@pytest.fixture(scope="module")
+def dense():
+    df = dense_sweep()
+    return {
+        "iso": isoflop_profiles(df, budgets=true_budget(np.geomspace(2, 20, 6)), n_resamples=100),
+        "joint": fit_joint_law(df["gflops"], df["images_seen"], df["val_loss"], df["cell_id"], n_resamples=100),
+    }
+
+
+def test_isoflop_profiles_draw_every_budget_and_mark_rejected_minima(fits):
+    iso = fits["iso"]
+    fig = optimal.fig_isoflop_profiles(iso)
+    with_points = [p for p in iso.profiles if len(p["points"])]
+    assert len(gids(fig, "points")) == len(with_points)
+    assert len(gids(fig, "parabola")) == len(gids(fig, "minimum")) == len(iso.minima)
+    rejected = [p for p in iso.profiles if p["coefficients"] is not None and p["size_opt"] is None]
+    assert len(gids(fig, "parabola_rejected")) == len(rejected)
+    texts = legend_texts(fig)
+    assert sum("no minimum" in t for t in texts) == len(with_points) - len(iso.minima)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "Gflops" in ax.get_xlabel() and ax.get_ylabel() == iso.label
+    plt.close(fig)
+
+
+def test_size_opt_draws_the_isoflop_law_and_the_joint_law_with_bands(dense):
+    fig = optimal.fig_size_opt(dense["iso"], dense["joint"])
+    assert len(gids(fig, "minimum")) == 1 and len(gids(fig, "minimum")[0].get_offsets()) == len(dense["iso"].minima)
+    for gid in ("fit", "band", "joint", "joint_band", "trained"):
+        assert len(gids(fig, gid)) == 1, gid
+    # The joint law's line is its closed-form optimum at each budget drawn.
+    line = gids(fig, "joint")[0]
+    c, size = line.get_data()
+    np.testing.assert_allclose(size, dense["joint"].optimal(c)[0])
+    ax = fig.axes[0]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    plt.close(fig)
+
+
+def test_size_opt_without_a_determined_isoflop_law_draws_minima_only_and_says_so(fits):
+    fig = optimal.fig_size_opt(fits["iso"])
+    assert not gids(fig, "fit") and not gids(fig, "joint")
+    assert any("not determined" in t for t in legend_texts(fig)) == (not fits["iso"].determined)
+    plt.close(fig)
+
+
+def test_loss_to_fid_draws_points_law_band_and_names_the_form(fits):
+    fit = fits["fid"]
+    fig = optimal.fig_loss_to_fid(fit)
+    assert len(gids(fig, "points")[0].get_offsets()) == len(fit.points)
+    assert gids(fig, "fit") and gids(fig, "band")
+    assert any(fit.choice.split(":")[0] in t.replace("\n", " ") for t in legend_texts(fig))
+    plt.close(fig)
+
+
+def test_joint_predicted_has_the_identity_line_and_the_held_out_records(fits, tmp_path):
+    joint, hold = fits["joint"], fits["holdout"]["joint"]
+    fig = optimal.fig_joint_predicted(joint, hold)
+    assert len(gids(fig, "points")[0].get_offsets()) == joint.n_points
+    x, y = gids(fig, "identity")[0].get_data()
+    np.testing.assert_allclose(x, y)
+    assert gids(fig, "held_out")
+    assert any(f"held out ({len(hold['rows'])})" in t for t in legend_texts(fig))
+    png, pdf = save_figure(fig, tmp_path, "joint")
+    assert png.stat().st_size > 1000 and pdf.stat().st_size > 1000
+
+
+def test_absent_data_is_a_clear_error():
+    val, ev = sweep_tables()
+    empty = isoflop_profiles(val, budgets=[1.0], n_resamples=0)  # a budget no cell reaches
+    with pytest.raises(ValueError, match="no IsoFLOP budget has any cell"):
+        optimal.fig_isoflop_profiles(empty)
+    with pytest.raises(ValueError, match="nothing to draw"):
+        optimal.fig_size_opt(empty)
+    with pytest.raises(ValueError, match="nothing to draw"):
+        optimal.fig_size_opt(None, None)
+    fit = fit_loss_to_fid([0.1, 0.12, 0.14], [10.0, 20.0, 40.0], n_resamples=0)
+    fit.points = pd.DataFrame(columns=["val_loss", "fid"])
+    with pytest.raises(ValueError, match="no \\(validation loss, FID\\) points"):
+        optimal.fig_loss_to_fid(fit)
+    joint = fit_joint_table(val, n_resamples=0)
+    joint.points = None
+    with pytest.raises(ValueError, match="no fitted points"):
+        optimal.fig_joint_predicted(joint)
