@@ -244,7 +244,8 @@ def _merge(existing: dict | None, new: dict, added: list[str]) -> dict:
 def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
     """Return (reference images uint8 N x H x W x 3, split label): ADM's reference batch when given,
     else the data set's own split."""
-    from harness.metrics import fidelity  # see _evaluate
+    from harness.metrics import references  # see _evaluate
+
     if cfg.eval.reference_npz:
         path = Path(cfg.eval.reference_npz)
         if not path.exists():
@@ -255,7 +256,7 @@ def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
             )
         with np.load(path) as f:
             return f["arr_0"], f"npz-{path.stem}"
-    return fidelity.reference_images(cfg.data, cfg.eval.reference_split), cfg.eval.reference_split
+    return references.reference_images(cfg.data, cfg.eval.reference_split), cfg.eval.reference_split
 
 
 def evaluate_cell(cfg: Any, run_dir: str | Path | None = None) -> list[dict]:

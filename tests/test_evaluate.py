@@ -22,7 +22,7 @@ from helpers import TINY_CELL, one_thread_env
 from harness import evaluate
 from harness.core import checkpoint
 from harness.core.config import EvalConfig, compose
-from harness.metrics import fidelity
+from harness.core.vocabulary import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR
 from harness.model import dit
 from harness.results import comparable, load_results
 
@@ -90,7 +90,7 @@ def test_train_evaluate_round_trip_record_has_every_schema_field(trained, straig
     assert (rec["sampler"], rec["sampling_steps"]) == ("ddpm", "100")
     assert (rec["cfg_scale"], rec["cfg_channels"]) == (1.0, None)
     assert (rec["label_sampling"], rec["weights"], rec["seed"]) == ("uniform", "ema", 0)
-    assert rec["extractor"] == fidelity.DIGITS_EXTRACTOR and rec["metric_label"] == "FID (digits extractor)"
+    assert rec["extractor"] == DIGITS_EXTRACTOR and rec["metric_label"] == "FID (digits extractor)"
     assert rec["reference_stats_id"].startswith("digits_test_8_digits-cnn_")
     assert rec["wall_s"] > 0 and rec["gpu_hours"] == 0.0  # CPU: no GPU-hours
     # 48 samples < 64 feature dimensions: warned loudly on stderr and written into the record
@@ -178,10 +178,10 @@ def test_bad_input_gets_a_clear_message_and_writes_nothing(trained, tmp_path, mo
         raise URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torch.hub, "urlopen", offline)  # the network, not the code under test
-    inception = evaluate.load_run_config(run, [*QUICK, f"eval.extractor={fidelity.INCEPTION_EXTRACTOR}"])
-    with pytest.raises(fidelity.MissingWeightsError) as err:
+    inception = evaluate.load_run_config(run, [*QUICK, f"eval.extractor={INCEPTION_EXTRACTOR}"])
+    with pytest.raises(inception.MissingWeightsError) as err:
         evaluate.evaluate(inception, STEPS, run)
-    assert str(fidelity.inception_weights_path()) in str(err.value)
+    assert str(inception.inception_weights_path()) in str(err.value)
     assert str(tmp_path / "torch_home") in str(err.value)
 
     assert not (run / "evals").exists() and not (run / "samples").exists()

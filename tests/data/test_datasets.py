@@ -8,8 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import codec, datasets
-from harness.data.codec import LATENT_SCALE, IdentityCodec, VAECodec, load_vae, tiny_vae
+from harness.data import datasets
+from harness.data.codec import (
+    DEFAULT_VAE,
+    LATENT_SCALE,
+    TINY_VAE,
+    IdentityCodec,
+    VAECodec,
+    load_vae,
+    tiny_vae,
+    vae_geometry,
+)
 from harness.data.datasets import (
     DATASETS,
     DigitsDataset,
@@ -24,7 +33,7 @@ from harness.data.datasets import (
 
 
 def cfg(**kw):
-    base = dict(name="digits", path=None, image_size=16, num_classes=10, vae=codec.DEFAULT_VAE,
+    base = dict(name="digits", path=None, image_size=16, num_classes=10, vae=DEFAULT_VAE,
                 synthetic_count=64, channels=1)
     return types.SimpleNamespace(**{**base, **kw})
 
@@ -191,7 +200,7 @@ def test_vae_codec_tiny(tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     codec = VAECodec(str(tmp_path / "vae"))
     assert (codec.channels, codec.downsample) == (4, 2)  # read from the config, not assumed 8
-    assert codec.vae_geometry(str(tmp_path / "vae")) == (4, 2)
+    assert vae_geometry(str(tmp_path / "vae")) == (4, 2)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     mean, std = codec.moments(x)
     assert mean.shape == std.shape == (2, 4, 16, 16) and (std > 0).all()
@@ -201,7 +210,7 @@ def test_vae_codec_tiny(tmp_path):
     assert torch.equal(z1, z2) and not torch.allclose(z1, mean * LATENT_SCALE)
     assert codec.decode(z1).shape == (2, 3, 32, 32)
     # Same seed, same weights: a tiny VAE from the name equals the one saved to disk.
-    codec2 = build_codec(cfg(name="imagefolder", vae=codec.TINY_VAE, channels=3))
+    codec2 = build_codec(cfg(name="imagefolder", vae=TINY_VAE, channels=3))
     assert torch.allclose(codec2.moments(x)[0], mean, atol=1e-6)
 
 

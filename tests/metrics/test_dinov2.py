@@ -17,8 +17,11 @@ import pytest
 import torch
 from torch_fidelity.utils import create_feature_extractor
 
+from harness.core import vocabulary
 from harness.core.config import DataConfig
+from harness.core.vocabulary import DIGITS_EXTRACTOR
 from harness.metrics import fidelity as M
+from harness.metrics import inception, references
 
 timm = pytest.importorskip("timm")  # builds the DINOv2 architecture locally (a test-only dependency)
 
@@ -46,7 +49,7 @@ def local_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("XFORMERS_DISABLED", "1")  # torch-fidelity sets it for good; restored with the rest
     assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
-    paths = M.dinov2_paths(MODEL)
+    paths = inception.dinov2_paths(MODEL)
     paths["repo_dir"].mkdir(parents=True)
     (paths["repo_dir"] / "hubconf.py").write_text(HUBCONF.format(url=paths["weights_url"]))
     torch.manual_seed(0)
@@ -74,22 +77,22 @@ def local_hub(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def digits_sets():
     cfg = DataConfig(name="digits", image_size=16)
-    return M.reference_images(cfg, "test"), M.reference_images(cfg, "train")
+    return references.reference_images(cfg, "test"), references.reference_images(cfg, "train")
 
 
 def test_default_model_paths_are_the_real_hubconf_ones():
-    p = M.dinov2_paths()
-    assert M.DINOV2_EXTRACTOR == "dinov2-vit-l-14"
+    p = inception.dinov2_paths()
+    assert vocabulary.DINOV2_EXTRACTOR == "dinov2-vit-l-14"
     assert p["weights_url"] == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
     assert p["weights_path"] == Path(torch.hub.get_dir()) / "checkpoints" / "dinov2_vitl14_pretrain.pth"
     assert p["repo_dir"].name == "facebookresearch_dinov2_main"
-    assert M.metric_label("fd_dinov2", extractor=M.DINOV2_EXTRACTOR) == "FD-DINOv2"
+    assert vocabulary.metric_label("fd_dinov2", extractor=vocabulary.DINOV2_EXTRACTOR) == "FD-DINOv2"
 
 
 def test_fd_dinov2_end_to_end_from_the_local_hub(local_hub, digits_sets):
     test, train = digits_sets
     samples, reference = train[:12], test[:12]
-    spaces = M.preflight(("fid", "fd_dinov2"), M.DIGITS_EXTRACTOR, cuda=False, dinov2_model=MODEL)
+    spaces = M.preflight(("fid", "fd_dinov2"), DIGITS_EXTRACTOR, cuda=False, dinov2_model=MODEL)
     assert spaces["fd_dinov2"] == {"extractor": MODEL, "layer": "dinov2", "feature_dim": 384}
     # torch hub asked GitHub for the default branch, was refused, and used the cached repository; nothing was
     # downloaded, so the weights it loaded are the ones in the checkpoint folder.
@@ -98,7 +101,7 @@ def test_fd_dinov2_end_to_end_from_the_local_hub(local_hub, digits_sets):
     fe = create_feature_extractor(MODEL, ["dinov2"], cuda=False, verbose=False)
     assert all(torch.equal(v, local_hub.state[k]) for k, v in fe.model.state_dict().items())
 
-    kw = dict(extractor=M.DIGITS_EXTRACTOR, data_name="digits", metrics=("fid", "fd_dinov2"), dinov2_model=MODEL)
+    kw = dict(extractor=DIGITS_EXTRACTOR, data_name="digits", metrics=("fid", "fd_dinov2"), dinov2_model=MODEL)
     with pytest.warns(UserWarning, match="FD-DINOv2 from fewer images than feature dimensions"):
         rec = M.compute_metrics(samples, reference, **kw)
     assert set(rec["metrics"]) == {"fid", "fd_dinov2"} and rec["metrics"]["fd_dinov2"] > 0
@@ -109,9 +112,9 @@ def test_fd_dinov2_end_to_end_from_the_local_hub(local_hub, digits_sets):
     assert space["reference_stats_id"].startswith("digits_test_16_dinov2-vit-s-14_")
     # One content hash for every feature space of one reference set.
     assert space["reference_stats_id"][-12:] == rec["feature_spaces"]["fid"]["reference_stats_id"][-12:]
-    assert rec["feature_spaces"]["fid"]["extractor"] == M.DIGITS_EXTRACTOR
+    assert rec["feature_spaces"]["fid"]["extractor"] == DIGITS_EXTRACTOR
     assert rec["metric_labels"] == {"fid": "FID (digits extractor)", "fd_dinov2": "FD-DINOv2 (dinov2-vit-s-14)"}
-    stats = M.cache_dir() / "fidelity" / MODEL / f"{space['reference_stats_id']}-dinov2-stats.npz"
+    stats = references.cache_dir() / "fidelity" / MODEL / f"{space['reference_stats_id']}-dinov2-stats.npz"
     assert stats.is_file()
 
     # The reference against its own cached statistics: zero, up to the rounding of 373 null eigenvalues.
@@ -121,8 +124,8 @@ def test_fd_dinov2_end_to_end_from_the_local_hub(local_hub, digits_sets):
 
 def test_missing_dinov2_weights_fail_before_any_work(local_hub, digits_sets, monkeypatch):
     local_hub.paths["weights_path"].unlink()
-    with pytest.raises(M.MissingWeightsError) as err:
-        M.preflight(("fid", "fd_dinov2"), M.DIGITS_EXTRACTOR, cuda=False, dinov2_model=MODEL)
+    with pytest.raises(inception.MissingWeightsError) as err:
+        M.preflight(("fid", "fd_dinov2"), DIGITS_EXTRACTOR, cuda=False, dinov2_model=MODEL)
     message = str(err.value)
     assert str(local_hub.paths["weights_path"]) in message and local_hub.paths["weights_url"] in message
     assert "weights (MISSING)" in message and "code (present)" in message
@@ -135,19 +138,19 @@ def test_missing_dinov2_weights_fail_before_any_work(local_hub, digits_sets, mon
     monkeypatch.setattr(M, "_extract_features", no_work)
     test, train = digits_sets
     reference = test[12:24]  # a set no other test caches
-    with pytest.raises(M.MissingWeightsError, match="dinov2_vits14_pretrain.pth"):
-        M.compute_metrics(train[:12], reference, extractor=M.DIGITS_EXTRACTOR, data_name="digits",
+    with pytest.raises(inception.MissingWeightsError, match="dinov2_vits14_pretrain.pth"):
+        M.compute_metrics(train[:12], reference, extractor=DIGITS_EXTRACTOR, data_name="digits",
                           metrics=("fid", "fd_dinov2"), dinov2_model=MODEL)
-    content_hash = M.reference_stats_id(reference, "digits", "test", MODEL)[-12:]
-    assert not list(M.cache_dir().rglob(f"*{content_hash}*"))  # no statistics of it were written
+    content_hash = references.reference_stats_id(reference, "digits", "test", MODEL)[-12:]
+    assert not list(references.cache_dir().rglob(f"*{content_hash}*"))  # no statistics of it were written
 
 
 def test_missing_dinov2_repository_fails_with_where_to_clone_it(local_hub):
     shutil.rmtree(local_hub.paths["repo_dir"])
-    with pytest.raises(M.MissingWeightsError) as err:
-        M.preflight(("fd_dinov2",), M.DIGITS_EXTRACTOR, cuda=False, dinov2_model=MODEL)
+    with pytest.raises(inception.MissingWeightsError) as err:
+        M.preflight(("fd_dinov2",), DIGITS_EXTRACTOR, cuda=False, dinov2_model=MODEL)
     message = str(err.value)
-    assert f"git clone {M.DINOV2_REPO_URL} {local_hub.paths['repo_dir']}" in message
+    assert f"git clone {inception.DINOV2_REPO_URL} {local_hub.paths['repo_dir']}" in message
     assert "code (MISSING)" in message and "weights (present)" in message
     # What torch hub raises offline without a cached copy: the cause is kept.
     assert isinstance(err.value.__cause__, RuntimeError) and "no internet" in str(err.value.__cause__)

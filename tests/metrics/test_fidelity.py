@@ -14,8 +14,11 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from harness.core import vocabulary
 from harness.core.config import DataConfig
+from harness.core.vocabulary import DEFAULT_METRICS, DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, KNOWN_FEATURES, METRICS
 from harness.data.datasets import center_crop_arr
+from harness.metrics import digits, frechet, inception, references
 from harness.metrics import fidelity as M
 
 PACKED = "test-packed-float32"
@@ -92,13 +95,13 @@ def digits_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_info(digits_cache):
-    return M.digits_extractor_info(digits_cache)
+    return digits.digits_extractor_info(digits_cache)
 
 
 @pytest.fixture(scope="module")
 def digits_sets():
     cfg = DataConfig(name="digits", image_size=16)
-    return M.reference_images(cfg, "test"), M.reference_images(cfg, "train")
+    return references.reference_images(cfg, "test"), references.reference_images(cfg, "train")
 
 
 # ---- pure functions ----
@@ -108,45 +111,47 @@ def test_frechet_distance_matches_closed_forms():
     a, b = rng.uniform(0.5, 4, 5), rng.uniform(0.5, 4, 5)
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert frechet.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     # Non-commuting covariances: against scipy's matrix square root.
     m1, m2 = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
     s1, s2 = m1 @ m1.T + np.eye(5), m2 @ m2.T + np.eye(5)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     ref = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
-    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
-    assert M.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+    assert frechet.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+    assert frechet.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="shapes"):
-        M.frechet_distance(mu1, s1, mu2[:4], s2)
+        frechet.frechet_distance(mu1, s1, mu2[:4], s2)
 
 
-def test_labels_and_default_extractor():
-    assert M.default_extractor("digits") == M.DIGITS_EXTRACTOR == "digits-cnn"
-    assert M.default_extractor("imagefolder") == M.INCEPTION_EXTRACTOR == "inception-v3-compat"
+def test_each_data_kind_names_its_extractor():
+    from harness.data.datasets import data_kind
+
+    assert data_kind("digits").extractor == DIGITS_EXTRACTOR == "digits-cnn"
+    assert data_kind("imagefolder").extractor == INCEPTION_EXTRACTOR == "inception-v3-compat"
 
 
 def test_reference_stats_id_hashes_content_and_shape():
     x = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
-    key = M.reference_stats_id(x, "digits", "test", "digits-cnn")
+    key = references.reference_stats_id(x, "digits", "test", "digits-cnn")
     assert key.startswith("digits_test_4_digits-cnn_") and len(key.rsplit("_", 1)[1]) == 12
-    assert M.reference_stats_id(x.copy(), "digits", "test", "digits-cnn") == key
+    assert references.reference_stats_id(x.copy(), "digits", "test", "digits-cnn") == key
     y = x.copy()
     y[3, 1, 2, 0] ^= 1  # one bit of one image
-    assert M.reference_stats_id(y, "digits", "test", "digits-cnn") != key
+    assert references.reference_stats_id(y, "digits", "test", "digits-cnn") != key
     # Same bytes, other shape: other images.
-    assert M.reference_stats_id(x.reshape(3, 8, 4, 3), "digits", "test", "digits-cnn").rsplit("_", 1)[1] \
+    assert references.reference_stats_id(x.reshape(3, 8, 4, 3), "digits", "test", "digits-cnn").rsplit("_", 1)[1] \
         != key.rsplit("_", 1)[1]
     with pytest.raises(ValueError, match="data_name"):
-        M.reference_stats_id(x, "a/b", "test", "digits-cnn")
+        references.reference_stats_id(x, "a/b", "test", "digits-cnn")
     with pytest.raises(ValueError, match="uint8"):
-        M.reference_stats_id(x.astype(np.float32), "digits", "test", "digits-cnn")
+        references.reference_stats_id(x.astype(np.float32), "digits", "test", "digits-cnn")
 
 
 # ---- the FID path, with an exact extractor ----
 
 def test_fid_path_matches_closed_form_of_two_gaussians(two_gaussians, tmp_path):
     x1, x2, moments, fid_analytic = two_gaussians
-    assert M.frechet_distance(*moments) == pytest.approx(fid_analytic, rel=1e-9)
+    assert frechet.frechet_distance(*moments) == pytest.approx(fid_analytic, rel=1e-9)
     with pytest.warns(UserWarning, match="Inception Score skipped"):
         rec = M.compute_metrics(x1, x2, extractor=PACKED, data_name="synthetic", split="test", cache=tmp_path)
     assert rec["metrics"]["fid"] == pytest.approx(fid_analytic, rel=1e-3)
@@ -228,8 +233,8 @@ def test_missing_inception_weights_offline_says_where_they_go(monkeypatch, tmp_p
     monkeypatch.setattr(torch.hub, "urlopen", offline)  # the network, not the code under test
     x = np.zeros((4, 8, 8, 3), dtype=np.uint8)
     expected = tmp_path / "hub" / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
-    with pytest.raises(M.MissingWeightsError) as err:
-        M.compute_metrics(x, x, extractor=M.INCEPTION_EXTRACTOR, data_name="imagefolder", cache=tmp_path)
+    with pytest.raises(inception.MissingWeightsError) as err:
+        M.compute_metrics(x, x, extractor=INCEPTION_EXTRACTOR, data_name="imagefolder", cache=tmp_path)
     assert str(expected) in str(err.value) and URL_INCEPTION_V3 in str(err.value)
     assert expected.parent.is_dir()  # the folder torch-fidelity really looked in is the one we name
 
@@ -237,13 +242,13 @@ def test_missing_inception_weights_offline_says_where_they_go(monkeypatch, tmp_p
 # ---- the digits extractor ----
 
 def test_digits_extractor_is_accurate_cached_and_deterministic(digits_info, digits_cache, tmp_path):
-    assert digits_info["name"] == "digits-cnn" and digits_info["feature_dim"] == M.DIGITS_CNN_FEATURE_DIM
+    assert digits_info["name"] == "digits-cnn" and digits_info["feature_dim"] == digits.DIGITS_CNN_FEATURE_DIM
     assert digits_info["heldout_accuracy"] >= 0.95
     assert digits_info["num_heldout"] > 200
-    assert M.digits_extractor_info(digits_cache)["weights_sha256"] == digits_info["weights_sha256"]
+    assert digits.digits_extractor_info(digits_cache)["weights_sha256"] == digits_info["weights_sha256"]
     ckpt = torch.load(digits_info["weights_path"], weights_only=True)
     assert ckpt["weights_sha256"] == digits_info["weights_sha256"]
-    retrained = M.digits_extractor_info(tmp_path)  # a fresh cache: trains again
+    retrained = digits.digits_extractor_info(tmp_path)  # a fresh cache: trains again
     assert retrained["weights_sha256"] == digits_info["weights_sha256"]
     assert retrained["weights_path"] != digits_info["weights_path"]
 
@@ -259,7 +264,7 @@ def blurred(images: np.ndarray) -> np.ndarray:
 
 def test_digits_fid_orders_real_blurred_noise(digits_info, digits_cache, digits_sets):
     test, train = digits_sets
-    kw = dict(extractor=M.DIGITS_EXTRACTOR, data_name="digits", split="test", cache=digits_cache)
+    kw = dict(extractor=DIGITS_EXTRACTOR, data_name="digits", split="test", cache=digits_cache)
     real = M.compute_metrics(train, test, **kw)
     blur = M.compute_metrics(blurred(test), test, metrics=("fid",), **kw)
     noise_images = np.random.default_rng(0).integers(0, 256, test.shape, dtype=np.uint8)
@@ -278,9 +283,9 @@ def test_digits_fid_orders_real_blurred_noise(digits_info, digits_cache, digits_
 
 def test_digits_extractor_accepts_other_resolutions(digits_cache, digits_info):
     cfg32 = DataConfig(name="digits", image_size=32)
-    test32, train32 = M.reference_images(cfg32, "test"), M.reference_images(cfg32, "train")
+    test32, train32 = references.reference_images(cfg32, "test"), references.reference_images(cfg32, "train")
     assert test32.shape[1:] == (32, 32, 3)
-    rec = M.compute_metrics(train32, test32, extractor=M.DIGITS_EXTRACTOR, data_name="digits",
+    rec = M.compute_metrics(train32, test32, extractor=DIGITS_EXTRACTOR, data_name="digits",
                             metrics=("fid",), cache=digits_cache)
     assert rec["reference_stats_id"].startswith("digits_test_32_") and rec["metrics"]["fid"] < 5
 
@@ -288,7 +293,7 @@ def test_digits_extractor_accepts_other_resolutions(digits_cache, digits_info):
 # ---- reference images ----
 
 def test_reference_images_digits_and_imagefolder(tmp_path):
-    test = M.reference_images(DataConfig(name="digits", image_size=16), "test")
+    test = references.reference_images(DataConfig(name="digits", image_size=16), "test")
     assert test.dtype == np.uint8 and test.shape[1:] == (16, 16, 3)
     assert (test[..., 0] == test[..., 2]).all()  # grayscale replicated
     rng = np.random.default_rng(0)
@@ -299,34 +304,34 @@ def test_reference_images_digits_and_imagefolder(tmp_path):
             files.append(tmp_path / cls / f"{i}.png")
             Image.fromarray(rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)).save(files[-1])
     cfg = DataConfig(name="imagefolder", path=str(tmp_path), image_size=256, num_classes=2, channels=3)
-    ref = M.reference_images(cfg, "train")
+    ref = references.reference_images(cfg, "train")
     assert ref.shape == (4, 256, 256, 3) and ref.dtype == np.uint8
     with Image.open(files[0]) as im:
         np.testing.assert_array_equal(ref[0], np.asarray(center_crop_arr(im.convert("RGB"), 256)))
-    sub = M.reference_images(cfg, "train", max_images=2)
+    sub = references.reference_images(cfg, "train", max_images=2)
     assert len(sub) == 2 and any((sub[0] == r).all() for r in ref)
     with pytest.raises(ValueError, match="split"):
-        M.reference_images(cfg, "test")
+        references.reference_images(cfg, "test")
     with pytest.raises(ValueError, match="allowed 'digits', 'imagefolder'"):
-        M.reference_images(DataConfig(name="synthetic"), "test")
+        references.reference_images(DataConfig(name="synthetic"), "test")
 
 
 # ---- which metrics an extractor can compute ----
 
 def test_metric_problems_name_every_reason():
-    assert M.metric_problems(("fid", "isc", "kid", "prc", "sfid"), M.DIGITS_EXTRACTOR) == []
-    assert M.metric_problems(M.METRICS, M.INCEPTION_EXTRACTOR) == []  # sFID through its spatial companion
-    (unknown,) = M.metric_problems(("fid", "lpips"), M.DIGITS_EXTRACTOR)
-    assert "'lpips'" in unknown and all(f"'{m}'" in unknown for m in M.METRICS)  # and the allowed names
-    isc, sfid = M.metric_problems(("isc", "sfid"), PACKED)
+    assert vocabulary.metric_problems(("fid", "isc", "kid", "prc", "sfid"), DIGITS_EXTRACTOR) == []
+    assert vocabulary.metric_problems(METRICS, INCEPTION_EXTRACTOR) == []  # sFID through its spatial companion
+    (unknown,) = vocabulary.metric_problems(("fid", "lpips"), DIGITS_EXTRACTOR)
+    assert "'lpips'" in unknown and all(f"'{m}'" in unknown for m in METRICS)  # and the allowed names
+    isc, sfid = vocabulary.metric_problems(("isc", "sfid"), PACKED)
     assert "logits" in isc and PACKED in isc
-    assert PACKED in sfid and M.INCEPTION_EXTRACTOR in sfid and M.DIGITS_EXTRACTOR in sfid  # and which can
-    assert M.metric_problems(("sfid",), "vgg16")  # a registered extractor without a spatial map
-    (unregistered,) = M.metric_problems(("fid",), "no-such-net")
-    assert "not registered" in unregistered and M.INCEPTION_EXTRACTOR in unregistered
-    (dino,) = M.metric_problems(("fd_dinov2",), M.DIGITS_EXTRACTOR, dinov2_model="vgg16")
-    assert "'vgg16'" in dino and M.DINOV2_EXTRACTOR in dino
-    assert M.metric_problems([], M.DIGITS_EXTRACTOR) and M.metric_problems("fid", M.DIGITS_EXTRACTOR)
+    assert PACKED in sfid and INCEPTION_EXTRACTOR in sfid and DIGITS_EXTRACTOR in sfid  # and which can
+    assert vocabulary.metric_problems(("sfid",), "vgg16")  # a registered extractor without a spatial map
+    (unregistered,) = vocabulary.metric_problems(("fid",), "no-such-net")
+    assert "not registered" in unregistered and INCEPTION_EXTRACTOR in unregistered
+    (dino,) = vocabulary.metric_problems(("fd_dinov2",), DIGITS_EXTRACTOR, dinov2_model="vgg16")
+    assert "'vgg16'" in dino and vocabulary.DINOV2_EXTRACTOR in dino
+    assert vocabulary.metric_problems([], DIGITS_EXTRACTOR) and vocabulary.metric_problems("fid", DIGITS_EXTRACTOR)
 
 
 def test_what_cannot_be_computed_is_refused_before_any_extractor_loads(two_gaussians, tmp_path, monkeypatch):
@@ -339,7 +344,7 @@ def test_what_cannot_be_computed_is_refused_before_any_extractor_loads(two_gauss
     x1, x2, _, _ = two_gaussians
     with pytest.raises(ValueError, match="sfid needs a spatial feature map"):
         M.compute_metrics(x1, x2, extractor=PACKED, data_name="synthetic", metrics=("fid", "sfid"), cache=tmp_path)
-    assert M.DEFAULT_METRICS == ("fid", "isc", "kid", "prc")  # the new metrics are asked for, never implied
+    assert DEFAULT_METRICS == ("fid", "isc", "kid", "prc")  # the new metrics are asked for, never implied
 
 
 def test_the_light_table_of_extractor_features_is_torch_fidelitys():
@@ -349,10 +354,10 @@ def test_the_light_table_of_extractor_features_is_torch_fidelitys():
 
     from harness.core import vocabulary
 
-    M.digits_extractor_info()  # registers the harness's own extractors
-    for name, features in vocabulary.KNOWN_FEATURES.items():
+    digits.digits_extractor_info()  # registers the harness's own extractors
+    for name, features in KNOWN_FEATURES.items():
         cls = FEATURE_EXTRACTORS_REGISTRY[name]
         assert tuple(cls.get_provided_features_list()) == features, name
     shipped = {n for n, c in FEATURE_EXTRACTORS_REGISTRY.items() if c.__module__.startswith("torch_fidelity")}
-    assert shipped <= set(vocabulary.KNOWN_FEATURES)  # torch-fidelity's own extractors need no import to check
+    assert shipped <= set(KNOWN_FEATURES)  # torch-fidelity's own extractors need no import to check
     assert set(vocabulary.DINOV2_MODELS) == set(MODEL_METADATA)

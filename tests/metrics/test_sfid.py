@@ -15,10 +15,12 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from harness.core.config import DataConfig
+from harness.core.vocabulary import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, INCEPTION_SPATIAL_EXTRACTOR, SPATIAL_FEATURE
+from harness.metrics import digits, frechet, inception, references
 from harness.metrics import fidelity as M
 
 POINTWISE = "test-pointwise-spatial"
-INCEPTION_SFID_DIM = 17 * 17 * M.SFID_CHANNELS  # ADM: mixed_6/conv is 17 x 17 at 299 x 299
+INCEPTION_SFID_DIM = 17 * 17 * frechet.SFID_CHANNELS  # ADM: mixed_6/conv is 17 x 17 at 299 x 299
 
 
 class PointwiseExtractor(FeatureExtractorBase):
@@ -36,11 +38,11 @@ class PointwiseExtractor(FeatureExtractorBase):
 
     @staticmethod
     def get_provided_features_list():
-        return "pooled", M.SPATIAL_FEATURE
+        return "pooled", SPATIAL_FEATURE
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
-        return M.SPATIAL_FEATURE if metric == "sfid" else "pooled"
+        return SPATIAL_FEATURE if metric == "sfid" else "pooled"
 
     @staticmethod
     def can_be_compiled():
@@ -55,7 +57,7 @@ class PointwiseExtractor(FeatureExtractorBase):
         fmap = torch.einsum("oc,nchw->nohw", self.w2, h)
         # float64 means, rounded to float32: a permuted summation order leaves the same float32 bits
         features = {"pooled": fmap.mean(dim=(2, 3)).to(torch.float32),
-                    M.SPATIAL_FEATURE: M.spatial_feature(fmap.permute(0, 2, 3, 1))}
+                    SPATIAL_FEATURE: frechet.spatial_feature(fmap.permute(0, 2, 3, 1))}
         return tuple(features[f] for f in self.features_list)
 
 
@@ -82,7 +84,7 @@ def exact_moments(rng, n: int, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def digits_sets():
     cfg = DataConfig(name="digits", image_size=16)
-    return M.reference_images(cfg, "test"), M.reference_images(cfg, "train")
+    return references.reference_images(cfg, "test"), references.reference_images(cfg, "train")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def random_inception(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inception")
     torch.save({}, folder / "empty.pt")
     torch.manual_seed(0)
-    net = RandomInit(M.INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(folder / "empty.pt"))
+    net = RandomInit(INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(folder / "empty.pt"))
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -113,12 +115,12 @@ def test_frechet_of_feature_statistics_matches_closed_form_in_2023_dims():
     var1, var2 = rng.uniform(0.5, 4, d), rng.uniform(0.5, 4, d)
     mu1, mu2 = rng.normal(0, 1, d), rng.normal(0, 1, d)
     x1, x2 = exact_moments(rng, d + 150, mu1, var1), exact_moments(rng, d + 100, mu2, var2)
-    (m1, s1), (m2, s2) = M.feature_statistics(x1), M.feature_statistics(x2)
+    (m1, s1), (m2, s2) = frechet.feature_statistics(x1), frechet.feature_statistics(x2)
     np.testing.assert_allclose(m1, mu1, atol=1e-10)
     np.testing.assert_allclose(s2, np.diag(var2), atol=1e-9)
     # Diagonal, so commuting, covariances: tr((S1 S2)^(1/2)) = sum sqrt(v1 v2), the trace term sum (s1 - s2)^2.
     closed = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
-    assert M.frechet_distance(m1, s1, m2, s2) == pytest.approx(closed, rel=1e-8)
+    assert frechet.frechet_distance(m1, s1, m2, s2) == pytest.approx(closed, rel=1e-8)
 
 
 # ---- where the spatial definition matters ----
@@ -132,7 +134,7 @@ def test_rearranged_images_keep_fid_and_change_sfid(tmp_path):
     floor = M.compute_metrics(fresh, reference, **kw)  # what sampling noise alone gives
     rec = M.compute_metrics(samples, reference, **kw)
     flipped = M.compute_metrics(upside_down, reference, **kw)
-    assert rec["feature_spaces"]["sfid"]["feature_dim"] == 4 * 4 * M.SFID_CHANNELS
+    assert rec["feature_spaces"]["sfid"]["feature_dim"] == 4 * 4 * frechet.SFID_CHANNELS
     assert rec["metrics"]["fid"] > 20 * floor["metrics"]["fid"]  # the pooled features see the darker top
     assert flipped["metrics"]["fid"] == pytest.approx(rec["metrics"]["fid"], rel=1e-9)
     assert flipped["metrics"]["sfid"] > 20 * rec["metrics"]["sfid"]
@@ -144,7 +146,7 @@ def test_rearranged_images_keep_fid_and_change_sfid(tmp_path):
 # ---- Inception: the tensor ADM reads ----
 
 def test_inception_spatial_feature_is_mixed_6_conv_flattened_hwc(random_inception):
-    fe = create_feature_extractor(M.INCEPTION_SPATIAL_EXTRACTOR, [M.SPATIAL_FEATURE, "2048"], cuda=False,
+    fe = create_feature_extractor(INCEPTION_SPATIAL_EXTRACTOR, [SPATIAL_FEATURE, "2048"], cuda=False,
                                   verbose=False, feature_extractor_weights_path=str(random_inception))
     saved = torch.load(random_inception, weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in fe.inception.state_dict().items())
@@ -172,30 +174,30 @@ def test_inception_sfid_through_compute_metrics_offline(random_inception, tmp_pa
         raise URLError("offline (test)")
 
     monkeypatch.setattr(torch.hub, "urlopen", offline)
-    with pytest.raises(M.MissingWeightsError) as err:
-        M.preflight(("sfid",), M.INCEPTION_EXTRACTOR, cuda=False, cache=tmp_path)
-    assert str(M.inception_weights_path()) in str(err.value) and URL_INCEPTION_V3 in str(err.value)
+    with pytest.raises(inception.MissingWeightsError) as err:
+        M.preflight(("sfid",), INCEPTION_EXTRACTOR, cuda=False, cache=tmp_path)
+    assert str(inception.inception_weights_path()) in str(err.value) and URL_INCEPTION_V3 in str(err.value)
     # The weights FID uses, where torch-fidelity looks for them: sFID needs nothing else.
-    M.inception_weights_path().parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(random_inception, M.inception_weights_path())
+    inception.inception_weights_path().parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(random_inception, inception.inception_weights_path())
     calls.clear()
-    spaces = M.preflight(("fid", "sfid"), M.INCEPTION_EXTRACTOR, cuda=False, cache=tmp_path)
-    assert spaces == {"fid": {"extractor": M.INCEPTION_EXTRACTOR, "layer": "2048", "feature_dim": 2048},
-                      "sfid": {"extractor": M.INCEPTION_SPATIAL_EXTRACTOR, "layer": M.SPATIAL_FEATURE,
+    spaces = M.preflight(("fid", "sfid"), INCEPTION_EXTRACTOR, cuda=False, cache=tmp_path)
+    assert spaces == {"fid": {"extractor": INCEPTION_EXTRACTOR, "layer": "2048", "feature_dim": 2048},
+                      "sfid": {"extractor": INCEPTION_SPATIAL_EXTRACTOR, "layer": SPATIAL_FEATURE,
                                "feature_dim": INCEPTION_SFID_DIM}}
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     reference = np.repeat(np.repeat(rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), 4, 1), 4, 2)
     with pytest.warns(UserWarning, match="sFID from fewer images than feature dimensions"):
-        rec = M.compute_metrics(samples, reference, extractor=M.INCEPTION_EXTRACTOR, data_name="synthetic",
+        rec = M.compute_metrics(samples, reference, extractor=INCEPTION_EXTRACTOR, data_name="synthetic",
                                 metrics=("sfid",), cache=tmp_path)
     assert calls == []  # nothing was downloaded
     space = rec["feature_spaces"]["sfid"]
-    assert space["extractor"] == M.INCEPTION_SPATIAL_EXTRACTOR and space["feature_dim"] == INCEPTION_SFID_DIM
+    assert space["extractor"] == INCEPTION_SPATIAL_EXTRACTOR and space["feature_dim"] == INCEPTION_SFID_DIM
     assert space["reference_stats_id"].startswith("synthetic_test_16_inception-v3-compat-spatial_")
     assert "mixed_6/conv" in space["source"] and rec["metric_labels"] == {"sfid": "sFID"}
     assert rec["metrics"]["sfid"] > 0 and np.isfinite(rec["metrics"]["sfid"])
-    stats = tmp_path / "fidelity" / M.INCEPTION_SPATIAL_EXTRACTOR / f"{space['reference_stats_id']}-spatial-stats.npz"
+    stats = tmp_path / "fidelity" / INCEPTION_SPATIAL_EXTRACTOR / f"{space['reference_stats_id']}-spatial-stats.npz"
     with np.load(stats) as z:
         assert z["mu"].shape == (INCEPTION_SFID_DIM,) and int(z["num_images"]) == 6
 
@@ -203,16 +205,16 @@ def test_inception_sfid_through_compute_metrics_offline(random_inception, tmp_pa
 # ---- the digits extractor ----
 
 def test_digits_spatial_feature_adds_an_output_without_changing_the_others(digits_sets):
-    info = M.digits_extractor_info()
-    net = M.DigitsCNN()
+    info = digits.digits_extractor_info()
+    net = digits.DigitsCNN()
     net.load_state_dict(torch.load(info["weights_path"], weights_only=True)["model"])
-    x = M._digits_preprocess(torch.from_numpy(digits_sets[0][:32]).permute(0, 3, 1, 2))
+    x = digits._digits_preprocess(torch.from_numpy(digits_sets[0][:32]).permute(0, 3, 1, 2))
     with torch.no_grad():
         mid, feat, logits = net.features(x)
         feat_fwd, logits_fwd = net(x)
     assert torch.equal(feat, feat_fwd) and torch.equal(logits, logits_fwd)
     assert mid.shape == (32, 32, 4, 4) and mid.min() >= 0  # the middle conv's ReLU, max-pooled
-    fe = create_feature_extractor(M.DIGITS_EXTRACTOR, [M.SPATIAL_FEATURE], cuda=False, verbose=False,
+    fe = create_feature_extractor(DIGITS_EXTRACTOR, [SPATIAL_FEATURE], cuda=False, verbose=False,
                                   feature_extractor_weights_path=info["weights_path"])
     with torch.no_grad():
         (spatial,) = fe(torch.from_numpy(digits_sets[0][:32]).permute(0, 3, 1, 2))
@@ -230,7 +232,7 @@ def blurred(images: np.ndarray) -> np.ndarray:
 
 def test_digits_sfid_orders_real_blurred_noise(digits_sets):
     test, train = digits_sets
-    kw = dict(extractor=M.DIGITS_EXTRACTOR, data_name="digits", split="test")
+    kw = dict(extractor=DIGITS_EXTRACTOR, data_name="digits", split="test")
     real = M.compute_metrics(train, test, metrics=("fid", "sfid"), **kw)
     blur = M.compute_metrics(blurred(test), test, metrics=("sfid",), **kw)
     noise_images = np.random.default_rng(0).integers(0, 256, test.shape, dtype=np.uint8)
@@ -241,9 +243,9 @@ def test_digits_sfid_orders_real_blurred_noise(digits_sets):
     assert real["metrics"]["fid"] == fid_only["metrics"]["fid"]  # asking for sFID changes no other metric
     assert real["metric_labels"] == {"fid": "FID (digits extractor)", "sfid": "sFID (digits extractor)"}
     assert real["feature_spaces"]["sfid"] == {
-        "extractor": M.DIGITS_EXTRACTOR, "layer": M.SPATIAL_FEATURE, "feature_dim": 4 * 4 * M.SFID_CHANNELS,
-        "reference_stats_id": real["reference_stats_id"], "source": M.DigitsFeatureExtractor.SPATIAL_SOURCE}
-    assert real["feature_spaces"]["fid"]["feature_dim"] == M.DIGITS_CNN_FEATURE_DIM
+        "extractor": DIGITS_EXTRACTOR, "layer": SPATIAL_FEATURE, "feature_dim": 4 * 4 * frechet.SFID_CHANNELS,
+        "reference_stats_id": real["reference_stats_id"], "source": digits.DigitsFeatureExtractor.SPATIAL_SOURCE}
+    assert real["feature_spaces"]["fid"]["feature_dim"] == digits.DIGITS_CNN_FEATURE_DIM
     assert real["warnings"] == []  # 112 features from 299 reference images: no singular covariance
 
 
@@ -260,7 +262,7 @@ def test_sfid_reference_statistics_are_keyed_by_content(digits_sets, monkeypatch
         return real_extract(fe, images, *args)
 
     monkeypatch.setattr(M, "_extract_features", counting)
-    kw = dict(extractor=M.DIGITS_EXTRACTOR, data_name="digits", metrics=("sfid",))
+    kw = dict(extractor=DIGITS_EXTRACTOR, data_name="digits", metrics=("sfid",))
     first = M.compute_metrics(train[:400], reference, **kw)
     again = M.compute_metrics(train[:400], reference, **kw)
     other = M.compute_metrics(train[:400], changed, **kw)
@@ -268,7 +270,8 @@ def test_sfid_reference_statistics_are_keyed_by_content(digits_sets, monkeypatch
     assert again["metrics"]["sfid"] == first["metrics"]["sfid"]
     assert other["reference_stats_id"] != first["reference_stats_id"]
     assert other["metrics"]["sfid"] != pytest.approx(first["metrics"]["sfid"], rel=1e-6)
-    folder = M.cache_dir() / "fidelity" / f"{M.DIGITS_EXTRACTOR}_{M.digits_extractor_info()['weights_sha256'][:12]}"
+    weights = digits.digits_extractor_info()["weights_sha256"][:12]
+    folder = references.cache_dir() / "fidelity" / f"{DIGITS_EXTRACTOR}_{weights}"
     for rec in (first, other):
         assert (folder / f"{rec['reference_stats_id']}-spatial-stats.npz").is_file()
 
@@ -277,7 +280,7 @@ def test_report_the_time_sfid_adds_to_a_500_sample_digits_evaluation(digits_sets
     test, train = digits_sets
     samples = train[:500]
     base = ("fid", "kid", "prc")
-    kw = dict(extractor=M.DIGITS_EXTRACTOR, data_name="digits", split="test")
+    kw = dict(extractor=DIGITS_EXTRACTOR, data_name="digits", split="test")
     M.compute_metrics(samples, test, metrics=base, **kw)  # warm: digits CNN loaded, torch-fidelity cache written
 
     def timed(metrics):
@@ -286,7 +289,7 @@ def test_report_the_time_sfid_adds_to_a_500_sample_digits_evaluation(digits_sets
         return time.perf_counter() - t0, rec
 
     t_base, _ = timed(base)
-    for stale in M.cache_dir().glob("fidelity/*/*-spatial-stats.npz"):
+    for stale in references.cache_dir().glob("fidelity/*/*-spatial-stats.npz"):
         stale.unlink()  # sFID's reference statistics computed afresh
     t_cold, cold = timed((*base, "sfid"))
     t_warm, warm = timed((*base, "sfid"))
