@@ -12,7 +12,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from harness.bench.common import device_name, sync
 from harness.core import vocabulary
-from harness.metrics import digits
+from harness.metrics import inhouse
+from harness.metrics.inception import inception_weights_path
 
 INCEPTION_INPUT_SIZE = 256  # the ImageNet images the grid's FID is computed on (uint8, 256x256)
 
@@ -22,13 +23,13 @@ def bench_features(device: torch.device, batch: int = 256, repeats: int = 3, inc
     extractor (16x16) and, when its weights are present, of Inception (256x256 uint8, torch-fidelity's
     inception-v3-compat); a row says `skipped` and why for an extractor without weights."""
     rows = []
-    info = digits.digits_extractor_info()
-    candidates = [(vocabulary.DIGITS_EXTRACTOR, digits.DIGITS_CNN_SIZE, info["weights_path"])]
+    info = inhouse.extractor_info(vocabulary.DIGITS_EXTRACTOR)
+    candidates = [(vocabulary.DIGITS_EXTRACTOR, inhouse.spec(vocabulary.DIGITS_EXTRACTOR).size, info["weights_path"])]
     if inception:
         candidates.append((vocabulary.INCEPTION_EXTRACTOR, INCEPTION_INPUT_SIZE, None))
     for name, size, weights in candidates:
-        if name == vocabulary.INCEPTION_EXTRACTOR and not inception.inception_weights_path().exists():
-            rows.append({"name": name, "skipped": f"no weights at {inception.inception_weights_path()}"})
+        if name == vocabulary.INCEPTION_EXTRACTOR and not inception_weights_path().exists():
+            rows.append({"name": name, "skipped": f"no weights at {inception_weights_path()}"})
             continue
         layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
         fe = create_feature_extractor(name, [layer], cuda=device.type == "cuda", verbose=False,

@@ -32,7 +32,6 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 from harness.core.runfolder import atomic_open
 from harness.core.vocabulary import (
     DEFAULT_METRICS,
-    DIGITS_EXTRACTOR,
     DINOV2_EXTRACTOR,
     FRECHET_METRICS,
     INCEPTION_EXTRACTOR,
@@ -44,7 +43,7 @@ from harness.core.vocabulary import (
     metric_problems,
     sfid_extractor,
 )
-from harness.metrics.digits import DigitsFeatureExtractor, digits_extractor_info
+from harness.metrics import inhouse
 from harness.metrics.frechet import feature_statistics, frechet_distance
 from harness.metrics.inception import (
     MissingWeightsError,
@@ -87,7 +86,7 @@ _PROBE_IMAGE = np.zeros((16, 16, 3), dtype=np.uint8)  # every extractor here res
 
 def _extractor_class(extractor: str) -> type[FeatureExtractorBase] | None:
     """Return the torch-fidelity extractor class of a name (the digits CNN before it is registered too), or None."""
-    return DigitsFeatureExtractor if extractor == DIGITS_EXTRACTOR else FEATURE_EXTRACTORS_REGISTRY.get(extractor)
+    return inhouse.InHouseFeatureExtractor if extractor in inhouse.SPECS else FEATURE_EXTRACTORS_REGISTRY.get(extractor)
 
 class _UInt8Images(Dataset):
     """uint8 (N, H, W, 3) array as a Dataset of uint8 tensors (3, H, W), torch-fidelity's input layout."""
@@ -108,18 +107,19 @@ class _FeatureSpace:
     extractor: str
     layer: str
     weights_path: str | None  # None: torch-fidelity's pinned Inception download, or torch hub's DINOv2
-    stats_root: Path  # cache folder named by the extractor (and, for the digits CNN, by its weights)
+    stats_root: Path  # cache folder named by the extractor (and, for an in-house one, by its weights)
+
 
 def _feature_spaces(metrics, extractor: str, dinov2_model: str,
                     cache: Path) -> tuple[_FeatureSpace, dict[str, _FeatureSpace], dict]:
-    """Return (the extractor's FID space, {metric: space}, facts about the extractor for the record); trains or
-    loads the digits CNN when it is the extractor."""
-    if extractor == DIGITS_EXTRACTOR:
-        info = digits_extractor_info(cache)
+    """Return (the extractor's FID space, {metric: space}, facts about the extractor for the record); loads and
+    checks the shipped weights of an in-house extractor."""
+    if extractor in inhouse.SPECS:
+        info = inhouse.extractor_info(extractor)
         weights_path = info["weights_path"]
-        # Features of a retrained extractor must never meet cached features of the old one.
+        # Statistics of other weights (an earlier version's, trained on first use) must never meet these.
         root = cache / "fidelity" / f"{extractor}_{info['weights_sha256'][:12]}"
-        extractor_info = {k: info[k] for k in ("name", "heldout_accuracy", "weights_sha256")}
+        extractor_info = {k: info[k] for k in ("name", "heldout_accuracy", "weights_sha256", "weights")}
     else:
         weights_path = None  # torch-fidelity's pinned weights (Inception's URL carries its hash)
         root = cache / "fidelity" / extractor
@@ -302,7 +302,7 @@ def compute_metrics(samples_uint8: np.ndarray, reference_uint8: np.ndarray, *, e
     cls = _extractor_class(extractor)
     if cls is None:
         raise ValueError(f"extractor={extractor!r} is not registered; allowed: "
-                         f"{sorted(set(FEATURE_EXTRACTORS_REGISTRY) | {DIGITS_EXTRACTOR})}")
+                         f"{sorted(set(FEATURE_EXTRACTORS_REGISTRY) | set(inhouse.SPECS))}")
     # Kept from before metric_problems existed: IS asked for (it is in the default list) with an extractor
     # without logits is skipped loudly rather than refused.
     if "isc" in metrics and ISC_LAYER not in cls.get_provided_features_list():

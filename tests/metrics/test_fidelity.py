@@ -1,6 +1,7 @@
 """Metrics: the FID path against closed forms, the digits extractor, reference statistics keys, bad input."""
 
 import logging
+from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
@@ -17,9 +18,9 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from harness.core import vocabulary
 from harness.core.config import DataConfig
 from harness.core.vocabulary import DEFAULT_METRICS, DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, KNOWN_FEATURES, METRICS
-from harness.data.datasets import center_crop_arr
-from harness.metrics import digits, frechet, inception, references
+from harness.data.datasets import center_crop_arr, digits_split, to_uint8_rgb
 from harness.metrics import fidelity as M
+from harness.metrics import frechet, inception, inhouse, references
 
 PACKED = "test-packed-float32"
 PACKED_DIM = 12  # 12 float32 features = 48 bytes = one 4x4 RGB image
@@ -94,8 +95,8 @@ def digits_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def digits_info(digits_cache):
-    return digits.digits_extractor_info(digits_cache)
+def digits_info():
+    return inhouse.extractor_info("digits-cnn")
 
 
 @pytest.fixture(scope="module")
@@ -241,16 +242,37 @@ def test_missing_inception_weights_offline_says_where_they_go(monkeypatch, tmp_p
 
 # ---- the digits extractor ----
 
-def test_digits_extractor_is_accurate_cached_and_deterministic(digits_info, digits_cache, tmp_path):
-    assert digits_info["name"] == "digits-cnn" and digits_info["feature_dim"] == digits.DIGITS_CNN_FEATURE_DIM
+def test_the_shipped_digits_extractor_is_accurate_and_pinned(digits_info):
+    assert digits_info["name"] == "digits-cnn" and digits_info["feature_dim"] == inhouse.FEATURE_DIM
     assert digits_info["heldout_accuracy"] >= 0.95
-    assert digits_info["num_heldout"] > 200
-    assert digits.digits_extractor_info(digits_cache)["weights_sha256"] == digits_info["weights_sha256"]
+    assert digits_info["num_heldout"] > 200 and digits_info["weights"] == "shipped"
     ckpt = torch.load(digits_info["weights_path"], weights_only=True)
-    assert ckpt["weights_sha256"] == digits_info["weights_sha256"]
-    retrained = digits.digits_extractor_info(tmp_path)  # a fresh cache: trains again
-    assert retrained["weights_sha256"] == digits_info["weights_sha256"]
-    assert retrained["weights_path"] != digits_info["weights_path"]
+    pinned = inhouse.spec("digits-cnn").weights_sha256
+    assert inhouse.state_sha256(ckpt["model"]) == digits_info["weights_sha256"] == pinned
+    assert Path(digits_info["weights_path"]).parent == inhouse.WEIGHTS_DIR  # in the package, not a per-user cache
+
+
+def test_weights_that_differ_from_the_pinned_hash_are_refused(tmp_path, monkeypatch):
+    """A retrained (or corrupted) file is not silently used: its FIDs would compare with nobody's."""
+    s = inhouse.spec("digits-cnn")
+    ckpt = torch.load(s.weights_path, weights_only=True)
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + 1e-3
+    torch.save(ckpt, tmp_path / "digits-cnn.pt")
+    monkeypatch.setattr(inhouse, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(inhouse, "_INFO", {})
+    with pytest.raises(ValueError, match="not the pinned"):
+        inhouse.extractor_info("digits-cnn")
+    (tmp_path / "digits-cnn.pt").unlink()
+    with pytest.raises(inhouse.cli.MissingWeights, match="python -m harness.metrics.inhouse train digits-cnn"):
+        inhouse.extractor_info("digits-cnn")
+
+
+@pytest.mark.slow
+def test_the_training_recipe_still_trains_an_accurate_extractor(tmp_path):
+    """The script beside the weights reproduces an extractor of the same quality (its bytes depend on the CPU)."""
+    path, ckpt = inhouse.write_weights(inhouse.spec("digits-cnn"), tmp_path)
+    assert path.is_file() and ckpt["heldout_accuracy"] >= 0.95
+    assert inhouse.state_sha256(ckpt["model"]) == ckpt["weights_sha256"]
 
 
 def blurred(images: np.ndarray) -> np.ndarray:
@@ -274,7 +296,7 @@ def test_digits_fid_orders_real_blurred_noise(digits_info, digits_cache, digits_
     assert real["metric_label"] == "FID (digits extractor)"
     assert real["reference_stats_id"].startswith("digits_test_16_digits-cnn_")
     assert real["extractor_info"] == {k: digits_info[k] for k in
-                                      ("name", "heldout_accuracy", "weights_sha256", "feature_dim")}
+                                      ("name", "heldout_accuracy", "weights_sha256", "weights", "feature_dim")}
     assert set(real["metrics"]) == {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std",
                                     "precision", "recall"}
     assert real["metrics"]["isc_mean"] > 5  # ten well-separated classes: IS well above 1
@@ -354,10 +376,36 @@ def test_the_light_table_of_extractor_features_is_torch_fidelitys():
 
     from harness.core import vocabulary
 
-    digits.digits_extractor_info()  # registers the harness's own extractors
+    inhouse.extractor_info("digits-cnn")  # registers the harness's own extractors
     for name, features in KNOWN_FEATURES.items():
         cls = FEATURE_EXTRACTORS_REGISTRY[name]
         assert tuple(cls.get_provided_features_list()) == features, name
     shipped = {n for n, c in FEATURE_EXTRACTORS_REGISTRY.items() if c.__module__.startswith("torch_fidelity")}
     assert shipped <= set(KNOWN_FEATURES)  # torch-fidelity's own extractors need no import to check
     assert set(vocabulary.DINOV2_MODELS) == set(MODEL_METADATA)
+
+
+# The digits test split (296 images) against the train split's statistics (1,501), both at the demo's 8 x 8, with
+# the shipped weights: computed once on a 2-core AMD EPYC (AVX2, no AVX-512), the same at 1 and 2 threads.
+SHIPPED_DIGITS_VALUES = {"fid": 0.8054896411110235, "sfid": 5.020361377463473, "precision": 0.8986486196517944,
+                         "recall": 0.9460359811782837}
+
+
+def test_the_shipped_digits_extractor_gives_the_same_numbers_on_every_cpu(tmp_path):
+    """Fixed images and shipped weights give the committed FID, sFID, precision and recall on any CPU.
+
+    Tolerances: another CPU's float32 convolution kernels (AVX2, AVX-512, other blockings) change a feature by about
+    1e-6 of its value, which moves a Frechet distance computed in float64 by far less than 1e-4 of itself; precision
+    and recall count images inside k-NN balls, so a rounding difference can move at most an image on the ball's
+    edge: one image of the set (1/296, 1/1501). A retrained or changed extractor moves them far more (the CPU-trained
+    extractor of an earlier version moved the demo's FIDs by 4-10% between two machines)."""
+    test = to_uint8_rgb(digits_split("test", 8)[0])
+    train = to_uint8_rgb(digits_split("train", 8)[0])
+    rec = M.compute_metrics(test, train, extractor=DIGITS_EXTRACTOR, data_name="digits", split="train",
+                            metrics=("fid", "sfid", "prc"), cache=tmp_path)
+    got, want = rec["metrics"], SHIPPED_DIGITS_VALUES
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-4)
+    assert got["sfid"] == pytest.approx(want["sfid"], rel=1e-4)
+    assert abs(got["precision"] - want["precision"]) <= 1 / len(test) + 1e-9
+    assert abs(got["recall"] - want["recall"]) <= 1 / len(train) + 1e-9
+    assert rec["extractor_info"]["weights_sha256"] == inhouse.spec(DIGITS_EXTRACTOR).weights_sha256

@@ -16,8 +16,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from harness.core.config import DataConfig
 from harness.core.vocabulary import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, INCEPTION_SPATIAL_EXTRACTOR, SPATIAL_FEATURE
-from harness.metrics import digits, frechet, inception, references
 from harness.metrics import fidelity as M
+from harness.metrics import frechet, inception, inhouse, references
 
 POINTWISE = "test-pointwise-spatial"
 INCEPTION_SFID_DIM = 17 * 17 * frechet.SFID_CHANNELS  # ADM: mixed_6/conv is 17 x 17 at 299 x 299
@@ -205,10 +205,10 @@ def test_inception_sfid_through_compute_metrics_offline(random_inception, tmp_pa
 # ---- the digits extractor ----
 
 def test_digits_spatial_feature_adds_an_output_without_changing_the_others(digits_sets):
-    info = digits.digits_extractor_info()
-    net = digits.DigitsCNN()
+    info = inhouse.extractor_info("digits-cnn")
+    net = inhouse.SmallCNN()
     net.load_state_dict(torch.load(info["weights_path"], weights_only=True)["model"])
-    x = digits._digits_preprocess(torch.from_numpy(digits_sets[0][:32]).permute(0, 3, 1, 2))
+    x = inhouse.preprocess(torch.from_numpy(digits_sets[0][:32]).permute(0, 3, 1, 2), 1, 16)
     with torch.no_grad():
         mid, feat, logits = net.features(x)
         feat_fwd, logits_fwd = net(x)
@@ -244,8 +244,8 @@ def test_digits_sfid_orders_real_blurred_noise(digits_sets):
     assert real["metric_labels"] == {"fid": "FID (digits extractor)", "sfid": "sFID (digits extractor)"}
     assert real["feature_spaces"]["sfid"] == {
         "extractor": DIGITS_EXTRACTOR, "layer": SPATIAL_FEATURE, "feature_dim": 4 * 4 * frechet.SFID_CHANNELS,
-        "reference_stats_id": real["reference_stats_id"], "source": digits.DigitsFeatureExtractor.SPATIAL_SOURCE}
-    assert real["feature_spaces"]["fid"]["feature_dim"] == digits.DIGITS_CNN_FEATURE_DIM
+        "reference_stats_id": real["reference_stats_id"], "source": inhouse.InHouseFeatureExtractor.SPATIAL_SOURCE}
+    assert real["feature_spaces"]["fid"]["feature_dim"] == inhouse.FEATURE_DIM
     assert real["warnings"] == []  # 112 features from 299 reference images: no singular covariance
 
 
@@ -270,7 +270,7 @@ def test_sfid_reference_statistics_are_keyed_by_content(digits_sets, monkeypatch
     assert again["metrics"]["sfid"] == first["metrics"]["sfid"]
     assert other["reference_stats_id"] != first["reference_stats_id"]
     assert other["metrics"]["sfid"] != pytest.approx(first["metrics"]["sfid"], rel=1e-6)
-    weights = digits.digits_extractor_info()["weights_sha256"][:12]
+    weights = inhouse.extractor_info("digits-cnn")["weights_sha256"][:12]
     folder = references.cache_dir() / "fidelity" / f"{DIGITS_EXTRACTOR}_{weights}"
     for rec in (first, other):
         assert (folder / f"{rec['reference_stats_id']}-spatial-stats.npz").is_file()
