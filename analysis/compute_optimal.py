@@ -31,6 +31,7 @@ import os
 
 from harness import scaling
 from harness.plots import figures, optimal
+from harness.report import format_compute_optimal_markdown
 from harness.results import load, load_validation
 
 # The CPU study (python -m harness.sweep -m sweeps=scaling) when it has run, else the demo of `make demo`.
@@ -89,4 +90,4 @@ draw("loss_to_fid", lambda: optimal.fig_loss_to_fid(loss_to_fid))
 
 # %%
 summary = scaling.compute_optimal_summary(val, df, n_resamples=N_RESAMPLES)
-print(scaling.format_compute_optimal_markdown(summary))
+print(format_compute_optimal_markdown(summary))

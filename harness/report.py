@@ -105,17 +105,21 @@ def _json_text(obj) -> str:
     return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """Returns a Markdown table of `header` and `rows`, cells already written as text (no tabulate dependency)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def _md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    """Returns `df` as a Markdown table (no tabulate dependency)."""
+    """Returns `df` as a Markdown table, floats in `floatfmt` and NaN as an empty cell."""
 
     def fmt(v):
         if isinstance(v, float):
             return "" if pd.isna(v) else format(v, floatfmt)
         return str(v)
 
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
+    return _markdown_table([str(c) for c in df.columns], [[fmt(v) for v in row] for row in df.itertuples(index=False)])
 
 
 # ---- the sections: each returns its Markdown lines (and may raise; the page then says why) ----
@@ -345,7 +349,7 @@ def _compute_optimal(ctx: Context, val_df: pd.DataFrame, eval_df: pd.DataFrame, 
     job = ctx.optimal_jobs.get(name)
     summary, fits = job.result() if job is not None else optimal_summary(val_df, eval_df, ctx.n_resamples, ctx.seed)
     _write_text(ctx.out / f"compute_optimal{suffix}.json", _json_text(summary))
-    section = scaling.format_compute_optimal_markdown(summary)
+    section = format_compute_optimal_markdown(summary)
     if name:
         section = section.replace("## Compute-optimal", f"## Compute-optimal ({name})", 1)
     md = [section, "", f"All values: [compute_optimal{suffix}.json](compute_optimal{suffix}.json).", ""]
@@ -360,6 +364,125 @@ def _compute_optimal(ctx: Context, val_df: pd.DataFrame, eval_df: pd.DataFrame, 
             continue
         md += [f"### {title}", "", f"![{title}]({paths[0].name}) ([PDF]({paths[1].name}))", ""]
     return md
+
+
+# ---- the compute-optimal section's Markdown, from harness.scaling.compute_optimal_summary's plain values ----
+
+
+def _fmt_value(v: dict | None, fmt: str = ".3g") -> str:
+    """Returns a summary value {"value", "low", "high"} as "value [low, high]" ("not determined" for None)."""
+    if v is None:
+        return "not determined"
+    lo, hi = v["low"], v["high"]
+    ci = "" if not (math.isfinite(lo) and math.isfinite(hi)) else f" [{lo:{fmt}}, {hi:{fmt}}]"
+    return f"{v['value']:{fmt}}{ci}"
+
+
+def _budgets_markdown(summary: dict) -> str:
+    """Returns the table of budgets: per budget where it lies, the compute-optimal size, images, metric, FID."""
+    metric, label = summary["metric"], summary["label"]
+    rows = []
+    for b in summary["budgets"]:
+        where = "beyond the sweep" if b["beyond_sweep"] else "inside the sweep"
+        if b["size_outside_trained"]:
+            where += ", size extrapolated"
+        rows.append(
+            [
+                f"{b['compute_gflops']:.3g}",
+                where,
+                _fmt_value(b["size_opt"]),
+                _fmt_value(b["images_opt"]),
+                _fmt_value(b[metric], ".4g"),
+                _fmt_value(b["fid"]),
+                _fmt_value(b["isoflop_size_opt"]),
+            ]
+        )
+    header = ["training compute (Gflops)", "where", "size (Gflops)", "images seen", label, "FID",
+              "IsoFLOP size (Gflops)"]
+    return _markdown_table(header, rows)
+
+
+def _isoflop_markdown(profiles: list[dict], label: str) -> str:
+    """Returns the table of IsoFLOP budgets: cells, the parabola's minimum, or why there is none."""
+    return _markdown_table(
+        ["budget (Gflops)", "cells", "minimum at size (Gflops)", f"{label} at the minimum", "why no minimum"],
+        [
+            [
+                f"{p['budget_gflops']:.3g}",
+                str(len(p["points"])),
+                "-" if p["size_opt"] is None else f"{p['size_opt']:.3g}",
+                "-" if p["metric_opt"] is None else f"{p['metric_opt']:.4g}",
+                p["reason"] or "",
+            ]
+            for p in profiles
+        ],
+    )
+
+
+def _holdout_markdown(hold: dict, label: str, pct: str) -> list[str]:
+    """Returns the lines of the held-out check: what was fitted, and each prediction's error and coverage."""
+    if "error" in hold:
+        return [f"Not run: {hold['error']}"]
+    md = [
+        f"Fitted on the {hold['n_train_cells']} cells below {min(hold['held_out_sizes']):.3g} Gflops; predicting "
+        f"the held-out cells {', '.join(hold['held_out_cells'])} ({hold['n_resamples']} resamples).",
+        "",
+    ]
+    table = []
+    for key, what in (
+        ("joint", f"{label} (joint law)"),
+        ("isoflop", "size_opt (IsoFLOP law)"),
+        ("loss_to_fid", "FID from measured loss"),
+        ("fid_from_predicted_loss", "FID from predicted loss"),
+    ):
+        part = hold.get(key)
+        if part is None:
+            continue
+        if "error" in part:
+            table.append([what, "-", "-", "-", part["error"]])
+        else:
+            table.append(
+                [
+                    what,
+                    str(part["n"]),
+                    f"{100 * part['median_abs_rel_error']:.1f}%",
+                    f"{100 * part['fraction_inside']:.0f}%" if math.isfinite(part["fraction_inside"]) else "-",
+                    "",
+                ]
+            )
+    header = ["prediction", "points", "median abs error", f"inside the {pct} interval", "note"]
+    return md + [_markdown_table(header, table)]
+
+
+def format_compute_optimal_markdown(summary: dict) -> str:
+    """Returns the summary of harness.scaling.compute_optimal_summary as a Markdown section titled
+    "Compute-optimal": the table of budgets, the laws, the IsoFLOP budgets, the held-out check, the notes."""
+    label = summary["label"]
+    pct = f"{100 * summary['level']:g}%"
+    md = [
+        "## Compute-optimal",
+        "",
+        f"Given a training budget, the model size and number of training images that minimise the {label}, and "
+        "what they reach. Conventions: " + summary["conventions"] + ". Joint law "
+        f"{label} = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022, Approach 3; Huber loss in log space, "
+        "L-BFGS from a grid of starts, as refit by Besiroglu et al. 2024); IsoFLOP profiles (Approach 2) as a check. "
+        f"Each value has its {pct} bootstrap percentile interval over cells in brackets "
+        f"({summary['n_resamples']} resamples). "
+        f"Budgets: {summary['budget_rule']}.",
+        "",
+        _budgets_markdown(summary),
+        "",
+    ]
+    for key, title in (("joint_law", "Joint law"), ("isoflop", "IsoFLOP profiles"), ("loss_to_fid", "Loss to FID")):
+        part = summary.get(key) or {}
+        md.append(f"- {title}: " + (part.get("description") or f"not fitted ({part.get('error', 'no data')})"))
+    iso = summary.get("isoflop") or {}
+    if iso.get("profiles"):
+        md += ["", "IsoFLOP budgets:", "", _isoflop_markdown(iso["profiles"], label)]
+    md += ["", "### Held-out check", ""] + _holdout_markdown(summary.get("holdout") or {}, label, pct)
+    if summary["notes"]:
+        md += ["", "Notes:", ""] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(md) + "\n"
 
 
 def learning_rates(ctx: Context) -> list[str]:

@@ -1,7 +1,8 @@
 """Figures of the compute-optimal analyses: IsoFLOP profiles, size_opt(C), loss -> FID, the joint law's fit.
 
-One function per figure, each drawing a fitted result of `harness.scaling.joint` and returning a matplotlib
-Figure, in the style of `harness.plots.figures` (labelled axes with units, log scales, the legend right of the data).
+One function per figure, each drawing a fitted result of `harness.scaling` (joint, isoflop, loss_to_fid) and
+returning a matplotlib Figure, in the style of `harness.plots.figures` (labelled axes with units, log scales, the
+legend right of the data).
 Artists carry a gid so tests can find what each figure shows: "points", "parabola" (a profile with a minimum
 inside the trained sizes), "parabola_rejected" (one without), "minimum", "fit", "band", "joint", "joint_band",
 "trained", "identity", "held_out".
@@ -29,7 +30,9 @@ from harness.plots.figures import (  # noqa: E402
     _finish,
     _legend_outside,
 )
-from harness.scaling.joint import IsoFlopResult, JointLaw, LossToFid  # noqa: E402
+from harness.scaling.isoflop import IsoFlopResult  # noqa: E402
+from harness.scaling.joint import JointLaw  # noqa: E402
+from harness.scaling.loss_to_fid import LossToFid  # noqa: E402
 
 SIZE_LABEL = "model size: forward Gflops per image (log scale)"
 BUDGET_CMAP = "viridis"

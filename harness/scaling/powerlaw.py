@@ -6,9 +6,11 @@ method of the Chinchilla replication (Besiroglu et al. 2024):
     power:  F(C) = A (C / C_ref)^(-b)            log F = a - b x,              x = log(C / C_ref)
     floor:  F(C) = F_inf + A (C / C_ref)^(-b)    log F = LSE(e, a - b x),      F_inf = exp(e), A = exp(a)
 C_ref is the geometric mean of the fitted C, which keeps a and e of order one whatever the units of C.
-Intervals come from a bootstrap over cells (resampling run folders, not rows).
+Intervals come from a bootstrap over cells (resampling run folders, not rows). The loss, the minimiser and the
+bootstrap are harness.scaling.fitting's, shared with the compute-optimal laws.
 
-harness.scaling gathers these and the compute-optimal analyses (harness.scaling.joint) under one name.
+harness.scaling gathers these and the compute-optimal analyses (harness.scaling.joint and the modules beside it)
+under one name.
 """
 
 from __future__ import annotations
@@ -19,10 +21,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import stats
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 from harness.results import comparable, comparison_step, paper_results
+from harness.scaling.fitting import (
+    cell_bootstrap,
+    huber,
+    huber_grad,
+    minimize_from,
+    percentile_ci,
+    refit_resamples,
+    to_plain,
+)
 
 HUBER_DELTA = 1e-3  # Besiroglu et al. 2024, following Hoffmann et al. 2022
 FORMS = ("power", "floor")
@@ -33,6 +44,8 @@ LEVEL = 0.95
 EXPONENT_BOUNDS = (0.0, 10.0)
 # Paper, section 4 / Fig 8: "a strong negative correlation" of FID-50K at 400K steps with Gflops.
 PAPER_CORRELATION = -0.93
+# L-BFGS-B's options for a law of one variable (its loss divided by delta, so of order one).
+LBFGS_OPTIONS = {"maxiter": 500, "ftol": 1e-10, "gtol": 1e-8}
 
 
 def _check_form(form: str) -> None:
@@ -60,8 +73,7 @@ def _huber_loss_grad(theta: np.ndarray, x: np.ndarray, y: np.ndarray, form: str,
         w = np.exp(e - pred)  # d pred / d e; the rest of the weight goes to the power-law term
         dpred = np.stack([w, 1 - w, -(1 - w) * x])
     r = pred - y
-    loss = np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
-    return loss, dpred @ np.clip(r, -delta, delta)
+    return huber(r, delta).sum(), dpred @ huber_grad(r, delta)
 
 
 def _init_grid(y: np.ndarray, form: str, exponent_bounds: tuple = EXPONENT_BOUNDS) -> list[np.ndarray]:
@@ -87,50 +99,16 @@ def _bounds(y: np.ndarray, form: str, exponent_bounds: tuple = EXPONENT_BOUNDS) 
     return [(y.min() - 20.0, y.max()), (None, None), exponent_bounds]
 
 
-def _lbfgs(x, y, form, theta0, delta, exponent_bounds=EXPONENT_BOUNDS):
-    # The loss is divided by delta: the same minimiser, but of order one, so the tolerances mean something.
-    return optimize.minimize(
-        lambda th: tuple(v / delta for v in _huber_loss_grad(th, x, y, form, delta)),
-        theta0,
-        jac=True,
-        method="L-BFGS-B",
-        bounds=_bounds(y, form, exponent_bounds),
-        options={"maxiter": 500, "ftol": 1e-10, "gtol": 1e-8},
-    )
-
-
 def _minimize(x, y, form, starts, delta, exponent_bounds=EXPONENT_BOUNDS):
-    """Returns (best theta, its Huber loss, converged) over L-BFGS runs from `starts`."""
-    best = min((_lbfgs(x, y, form, theta0, delta, exponent_bounds) for theta0 in starts), key=lambda r: r.fun)
-    converged = bool(best.success)
-    if not converged:
-        # L-BFGS-B often stops with an abnormal line search at the kinks of a tiny-delta Huber loss while
-        # at the optimum; accept the point when a restart from it cannot lower the loss.
-        again = _lbfgs(x, y, form, best.x, delta, exponent_bounds)
-        # Important: bool(), not numpy's bool, or the fit's to_dict() is not JSON-serialisable.
-        converged = bool(again.fun >= best.fun - 1e-8 * max(1.0, abs(best.fun)))
-        best = again if again.fun < best.fun else best
-    return np.asarray(best.x, dtype=float), float(best.fun) * delta, converged
+    """Returns (best theta, its sum of Huber losses, converged) over L-BFGS runs from `starts` (see
+    fitting.minimize_from)."""
 
+    # The loss is divided by delta: the same minimiser, but of order one, so the tolerances mean something.
+    def loss_grad(theta):
+        return tuple(v / delta for v in _huber_loss_grad(theta, x, y, form, delta))
 
-def to_plain(obj):
-    """Returns `obj` with numpy scalars and arrays (also inside dicts, lists, tuples) as plain Python values.
-
-    Tuples become lists, as JSON writes them; NaN stays a float NaN.
-    """
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj)
-    if isinstance(obj, np.str_):
-        return str(obj)
-    return obj
+    theta, loss, converged = minimize_from(loss_grad, starts, _bounds(y, form, exponent_bounds), LBFGS_OPTIONS)
+    return theta, loss * delta, converged
 
 
 @dataclass
@@ -172,12 +150,11 @@ class ScalingLaw:
         x = np.log(np.asarray(c, dtype=float) / self.c_ref)
         return np.exp(_predict_log(self.theta, x, self.form))
 
-    def _ci(self, values: np.ndarray) -> tuple[float, float]:
-        if values is None or len(values) == 0:
+    def _ci(self, values: np.ndarray | None) -> tuple:
+        """Returns the bootstrap percentile bounds (low, high) of `values` (draws on axis 0); NaN without draws."""
+        if values is None:
             return (float("nan"), float("nan"))
-        tail = 100 * (1 - self.level) / 2
-        lo, hi = np.percentile(values, [tail, 100 - tail], axis=0)
-        return lo, hi
+        return percentile_ci(values, self.level, skip_nan=False)
 
     @property
     def exponent_ci(self) -> tuple[float, float]:
@@ -306,30 +283,23 @@ def fit_law(
     if not converged:
         warnings.warn(f"{form} law fit did not converge (loss {loss:.3g})", stacklevel=2)
 
-    boot, n_failed = [], 0
-    if n_resamples:
-        rng = np.random.default_rng(seed)
-        uniq = np.unique(groups)
-        members = [np.flatnonzero(groups == g) for g in uniq]
-        # Resamples start from the full-data optimum and one grid start: cheap, and the fallback catches
-        # resamples whose optimum lies far away (e.g. the floor vanishes).
-        fallback = starts[len(starts) // 2]
-        for _ in range(n_resamples):
-            idx = np.concatenate([members[i] for i in rng.integers(0, len(uniq), len(uniq))])
+    def resamples():
+        """Yields each resample's (x, y), or None when too few distinct C values identify the law."""
+        for idx in cell_bootstrap(groups, n_resamples, seed):
             xi, yi, ci = x[idx], y[idx], c[idx]
             if frontier:
                 m = pareto_mask(ci, np.exp(yi))
                 xi, yi = xi[m], yi[m]
-            if len(np.unique(xi)) < n_params:
-                n_failed += 1  # too few distinct C values to identify the law
-                continue
-            th, _, ok = _minimize(xi, yi, form, [theta], delta, exponent_bounds)
-            if not ok:
-                th, _, ok = _minimize(xi, yi, form, [theta, fallback], delta, exponent_bounds)
-            if ok:
-                boot.append(th)
-            else:
-                n_failed += 1
+            yield (xi, yi) if len(np.unique(xi)) >= n_params else None
+
+    # The fallback, one grid start, catches resamples whose optimum lies far away (e.g. the floor vanishes).
+    boot, n_failed = refit_resamples(
+        resamples(),
+        lambda xy, starts_i: _minimize(*xy, form, starts_i, delta, exponent_bounds),
+        theta,
+        starts[len(starts) // 2],
+        n_params,
+    )
     return ScalingLaw(
         form=form,
         theta=theta,
@@ -338,7 +308,7 @@ def fit_law(
         converged=converged,
         n_points=int(sel.sum()),
         # (0, n_params) when every resample failed, so the intervals below are NaN rather than an IndexError.
-        boot_thetas=np.array(boot, dtype=float).reshape(-1, n_params) if n_resamples else None,
+        boot_thetas=boot if n_resamples else None,
         n_resamples=n_resamples,
         n_failed=n_failed,
         level=level,

@@ -10,14 +10,10 @@ from fixtures_scaling import dense_sweep, sweep_tables, true_budget
 
 from harness.plots import optimal
 from harness.plots.figures import save_figure
-from harness.scaling.joint import (
-    fit_joint_law,
-    fit_joint_table,
-    fit_loss_to_fid,
-    fit_loss_to_fid_table,
-    holdout_check,
-    isoflop_profiles,
-)
+from harness.scaling.heldout import holdout_check
+from harness.scaling.isoflop import isoflop_profiles
+from harness.scaling.joint import fit_joint_law, fit_joint_table
+from harness.scaling.loss_to_fid import fit_loss_to_fid, fit_loss_to_fid_table
 
 
 def gids(fig, gid):

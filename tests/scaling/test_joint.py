@@ -1,49 +1,22 @@
-"""Compute-optimal scaling: the joint law, IsoFLOP profiles and loss -> FID recover known laws and agree with
-each other; the optimum meets its budget and is the argmin; data that cannot determine a law is refused or
-reported as not determined; every result is JSON-ready, also on many random small data sets."""
+"""The joint law in size and images recovers a known law within its intervals; its optimum meets its budget and
+is the argmin; a term the data cannot determine is reported as not determined; every compute-optimal fit is
+JSON-ready, also on many random small data sets."""
 
 import json
-import math
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
-from fixtures_scaling import (
-    FID_EXPONENT,
-    FID_REF,
-    LOSS_REF,
-    RECORD_STEPS,
-    TRUE,
-    TRUE_A,
-    dense_sweep,
-    law_value,
-    sweep_tables,
-    true_budget,
-)
+from fixtures_scaling import RECORD_STEPS, TRUE, TRUE_A, law_value, sweep_tables
 from test_powerlaw import assert_json_ready
 
 from harness import scaling
 from harness.core.compute import FORWARD_BACKWARD_FACTOR
 from harness.scaling import HUBER_DELTA
-from harness.scaling.joint import (
-    JOINT_PARAMS,
-    MIN_SIZES,
-    _joint_loss_grad,
-    compute_optimal_summary,
-    fit_joint_law,
-    fit_joint_table,
-    fit_loss_to_fid,
-    fit_loss_to_fid_table,
-    format_compute_optimal_markdown,
-    holdout_check,
-    isoflop_profiles,
-)
-
-
-@pytest.fixture(scope="module")
-def sweep():
-    return sweep_tables()
+from harness.scaling.isoflop import isoflop_profiles
+from harness.scaling.joint import JOINT_PARAMS, _joint_loss_grad, fit_joint_law, fit_joint_table
+from harness.scaling.loss_to_fid import fit_loss_to_fid
+from harness.scaling.summary import compute_optimal_summary
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +24,6 @@ def sweep_law(sweep):
     return fit_joint_table(sweep[0], n_resamples=300)
 
 
-# ------------------------------------------------------------------------------------------------ joint law
 def test_joint_law_recovers_a_known_law_within_its_intervals(sweep_law):
     law = sweep_law
     assert law.converged and law.n_cells == 12 and law.n_points == 12 * len(RECORD_STEPS)
@@ -135,205 +107,12 @@ def test_a_law_without_a_size_term_reports_it_not_determined():
     assert_json_ready(d)
 
 
-# ------------------------------------------------------------------------------------------------ IsoFLOP
-def test_isoflop_and_joint_law_agree_within_their_intervals():
-    df = dense_sweep()
-    iso = isoflop_profiles(df, budgets=true_budget(np.geomspace(2, 20, 6)), n_resamples=200)
-    law = fit_joint_law(df["gflops"], df["images_seen"], df["val_loss"], df["cell_id"], n_resamples=200)
-    assert iso.determined, iso.describe()
-    i_lo, i_hi = iso.exponent_ci
-    (j_lo, j_hi), _ = law.allocation_exponents_ci
-    assert i_lo <= TRUE_A <= i_hi and j_lo <= TRUE_A <= j_hi
-    assert max(i_lo, j_lo) <= min(i_hi, j_hi)  # the intervals overlap
-    for p in iso.minima:  # a minimum counts only inside the sizes trained at that budget
-        assert p["points"]["size"].min() <= p["size_opt"] <= p["points"]["size"].max()
-        assert p["coefficients"][2] > 0
-    c = iso.budgets
-    np.testing.assert_allclose(iso.size_opt(c) * iso.images_opt(c) * FORWARD_BACKWARD_FACTOR, c, rtol=1e-9)
-    assert_json_ready(iso.to_dict())
-
-
-def test_isoflop_interpolates_in_log_images_and_never_extrapolates():
-    # Three cells; at a budget C, cell "mid" spends it at images 2e6, between its records at 1e6 and 4e6.
-    df = pd.DataFrame(
-        {
-            "cell_id": ["small"] * 2 + ["mid"] * 2 + ["big"] * 2,
-            "gflops": [1.0] * 2 + [2.0] * 2 + [4.0] * 2,
-            "images_seen": [1e6, 8e6, 1e6, 4e6, 1e6, 2e6],
-            "val_loss": [1.0, 0.7, 1.0, 0.8, 0.9, 0.85],
-        }
-    )
-    budget = FORWARD_BACKWARD_FACTOR * 2.0 * 2e6
-    iso = isoflop_profiles(df, budgets=[budget], n_resamples=0)
-    pts = iso.profiles[0]["points"].set_index("cell_id")
-    assert pts.loc["mid", "metric"] == pytest.approx(1.0 + (0.8 - 1.0) * math.log(2) / math.log(4))
-    assert pts.loc["small", "images"] == pytest.approx(4e6)  # C / (3 x 1 Gflops)
-    assert pts.loc["big", "images"] == pytest.approx(1e6)  # its first record, exactly
-    later = isoflop_profiles(df, budgets=[budget * 1.5], n_resamples=0).profiles[0]
-    assert "big" in set(later["points"]["cell_id"])  # 1.5e6 images: between its records
-    beyond = isoflop_profiles(df, budgets=[FORWARD_BACKWARD_FACTOR * 4.0 * 3e6], n_resamples=0).profiles[0]
-    assert "big" not in set(beyond["points"]["cell_id"])  # after its last record: no point, no extrapolation
-    assert beyond["size_opt"] is None and "parabola needs 3" in beyond["reason"]
-
-
-def test_isoflop_says_when_the_parabola_has_no_minimum_inside():
-    sizes = np.geomspace(1, 100, 5)
-    images = np.geomspace(1e6, 1e8, 6)
-    g, d = np.meshgrid(sizes, images, indexing="ij")
-    budgets = FORWARD_BACKWARD_FACTOR * 10.0 * np.geomspace(3e6, 3e7, 3)
-    for values, why in (
-        (1.0 + 1.0 / g**0.5 + 0 * d, "above the largest size"),  # falls with size at every budget
-        (10.0 - np.log(g) ** 2 / 10 + 0 * d, "opens downwards"),
-    ):
-        df = pd.DataFrame(
-            {
-                "cell_id": np.repeat([f"c{i}" for i in range(5)], 6),
-                "gflops": g.ravel(),
-                "images_seen": d.ravel(),
-                "val_loss": values.ravel(),
-            }
-        )
-        iso = isoflop_profiles(df, budgets=budgets, n_resamples=20)
-        assert not iso.minima and not iso.determined
-        assert all(why in p["reason"] for p in iso.profiles if p["coefficients"] is not None)
-        assert "not determined" in iso.describe() and iso.to_dict()["exponent"] is None
-
-
-# ------------------------------------------------------------------------------------------------ loss -> FID
-@pytest.mark.parametrize("floor", [0.0, 5.0])
-def test_loss_to_fid_recovers_the_exponent_and_says_which_form(floor):
-    rng = np.random.default_rng(1)
-    loss = np.repeat(np.geomspace(0.105, 0.16, 12), 3)
-    fid = (floor + FID_REF * (loss / LOSS_REF) ** FID_EXPONENT) * np.exp(rng.normal(0, 0.03, len(loss)))
-    fit = fit_loss_to_fid(loss, fid, np.repeat(np.arange(12), 3), n_resamples=300)
-    assert fit.form == ("floor" if floor else "power"), fit.choice
-    assert fit.choice.startswith(f"{fit.form} law")
-    lo, hi = fit.law.exponent_ci
-    assert lo <= FID_EXPONENT <= hi
-    if floor:
-        f_lo, f_hi = fit.law.f_inf_ci
-        assert f_lo <= floor <= f_hi
-    lo, hi = fit.predict_interval([0.11, 0.15])
-    assert (lo <= fit.predict([0.11, 0.15])).all() and (fit.predict([0.11, 0.15]) <= hi).all()
-    assert_json_ready(fit.to_dict())
-
-
-def test_loss_to_fid_table_refuses_mixed_fid_settings(sweep):
-    _, ev = sweep
-    fit = fit_loss_to_fid_table(ev, n_resamples=50)
-    assert fit.label == "FID-50K" and fit.n_cells == 12
-    mixed = ev.copy()
-    mixed.loc[mixed["model"] == "S", "num_samples"] = 5_000
-    with pytest.raises(ValueError, match="refusing to mix"):
-        fit_loss_to_fid_table(mixed, n_resamples=0)
-    assert fit_loss_to_fid_table(mixed, n_resamples=0, allow_mixed=True).label.endswith("(mixed settings)")
-    other_sampler = ev.assign(settings_hash=np.where(ev["model"] == "B", "89abcdef", "0123abcd"))
-    with pytest.raises(ValueError, match="across evaluation settings"):
-        fit_loss_to_fid_table(other_sampler, n_resamples=0)
-
-
-# ------------------------------------------------------------------------------------------------ summary
-def test_summary_gives_each_budget_size_images_loss_and_fid_with_intervals(sweep):
-    val, ev = sweep
-    summary = compute_optimal_summary(val, ev, n_resamples=100, holdout_resamples=50)
-    assert_json_ready(summary)
-    budgets = summary["budgets"]
-    final = (FORWARD_BACKWARD_FACTOR * val["gflops"] * val["images_seen"]).groupby(val["cell_id"]).max()
-    assert [b["beyond_sweep"] for b in budgets] == [False] * 3 + [True] * 2
-    assert budgets[0]["compute_gflops"] == pytest.approx(final.min())
-    assert budgets[2]["compute_gflops"] == pytest.approx(final.max())
-    for b in budgets:
-        size, images = b["size_opt"]["value"], b["images_opt"]["value"]
-        assert FORWARD_BACKWARD_FACTOR * size * images == pytest.approx(b["compute_gflops"], rel=1e-9)
-        for key in ("size_opt", "images_opt", "val_loss", "fid"):
-            v = b[key]
-            assert v["low"] <= v["value"] * (1 + 1e-9) and v["value"] <= v["high"] * (1 + 1e-9), (key, v)
-    # More compute buys a lower loss, and (through the loss) a lower FID.
-    assert np.all(np.diff([b["val_loss"]["value"] for b in budgets]) < 0)
-    assert np.all(np.diff([b["fid"]["value"] for b in budgets]) < 0)
-    hold = summary["holdout"]
-    assert hold["held_out_cells"] == ["DiT-XL-2_adaln_zero_synth_s0"]
-    assert hold["joint"]["median_abs_rel_error"] < 0.05 and hold["loss_to_fid"]["median_abs_rel_error"] < 0.2
-    md = format_compute_optimal_markdown(summary)
-    assert md.startswith("## Compute-optimal\n")
-    assert md.count("beyond the sweep") >= 2 and "Held-out check" in md
-    assert f"{budgets[1]['size_opt']['value']:.3g}" in md
-
-
-def test_summary_of_data_that_cannot_determine_the_optimum_says_so():
-    val, ev = sweep_tables(law=TRUE | {"A": 0.0})
-    summary = compute_optimal_summary(val, ev, n_resamples=100, holdout_resamples=30)
-    assert_json_ready(summary)
-    assert all(b["size_opt"] is None and b["fid"] is None for b in summary["budgets"])
-    assert any("not determined" in n for n in summary["notes"])
-    md = format_compute_optimal_markdown(summary)
-    assert "not determined" in md
-    assert "alpha not determined" in summary["joint_law"]["description"]
-
-
-def test_holdout_check_predicts_the_largest_cells(sweep):
-    val, ev = sweep
-    hold = holdout_check(val, ev, n_holdout=2, n_resamples=100)
-    assert_json_ready(hold)
-    largest = sorted(val["gflops"].unique())[-2:]
-    assert hold["held_out_sizes"] == largest
-    assert hold["n_train_cells"] == 10
-    rows = hold["joint"]["rows"]
-    assert len(rows) == 2 * len(RECORD_STEPS) and {r["size"] for r in rows} == set(largest)
-    for r in rows:
-        assert r["rel_error"] == pytest.approx(r["predicted"] / r["measured"] - 1)
-    # A prediction band holds one record's noise as well as the law's: most held-out records fall inside.
-    assert hold["joint"]["fraction_inside"] >= 0.7
-    assert hold["loss_to_fid"]["fraction_inside"] >= 0.7
-
-
-# ------------------------------------------------------------------------------------------------ bad input
-def test_bad_input_is_refused_naming_the_cells(sweep):
-    val, ev = sweep
-    two_sizes = val[val["gflops"].isin(sorted(val["gflops"].unique())[:2])]
-    with pytest.raises(ValueError, match=f"at least {MIN_SIZES} distinct sizes"):
-        fit_joint_table(two_sizes, n_resamples=0)
-    one_record = val[(val["step"] == RECORD_STEPS[-1]) | (val["model"] != "XL")]
-    with pytest.raises(ValueError, match=r"records .* per cell.*DiT-XL-2"):
-        fit_joint_table(one_record, n_resamples=0)
-    for col, value in (("val_loss", 0.0), ("val_loss", np.nan), ("gflops", -1.0), ("images_seen", np.nan)):
-        bad = val.copy()
-        bad.loc[bad["cell_id"] == "DiT-B-4_adaln_zero_synth_s0", col] = value
-        with pytest.raises(ValueError, match=f"{col} must be finite and positive.*DiT-B-4_adaln_zero_synth_s0"):
-            fit_joint_table(bad, n_resamples=0)
-    with pytest.raises(ValueError, match="lacks columns"):
-        fit_joint_table(val.drop(columns="images_seen"))
-    with pytest.raises(ValueError, match="at least 3 distinct losses"):
-        fit_loss_to_fid([0.1, 0.1, 0.2, 0.2], [10, 11, 20, 21])
-    with pytest.raises(ValueError, match="holding out"):
-        holdout_check(val[val["gflops"].isin(sorted(val["gflops"].unique())[:3])], n_holdout=1)
-    far = pd.DataFrame(
-        {
-            "cell_id": np.repeat(["a", "b", "c"], 2),
-            "gflops": np.repeat([1.0, 100.0, 10_000.0], 2),
-            "images_seen": [1e6, 2e6] * 3,
-            "val_loss": [1.0, 0.9] * 3,
-        }
-    )
-    with pytest.raises(ValueError, match="no training budget is reached by 3"):
-        isoflop_profiles(far)
-
-
-@pytest.mark.parametrize("column", ["data", "objective"])
-def test_mixed_data_sets_or_objectives_are_refused_unless_allowed(sweep, column):
-    val = sweep[0].copy()
-    val[column] = np.where(val["model"] == "S", "other", "first")
-    with pytest.raises(ValueError, match=f"refusing to fit one law of val_loss across {column}"):
-        fit_joint_table(val, n_resamples=0)
-    with pytest.raises(ValueError, match="refusing"):
-        isoflop_profiles(val, n_resamples=0)
-    assert fit_joint_table(val, n_resamples=0, allow_mixed=True).n_cells == 12
-
 
 def test_joint_names_are_importable_from_scaling():
     assert scaling.fit_joint_law is fit_joint_law and scaling.compute_optimal_summary is compute_optimal_summary
     with pytest.raises(AttributeError):
         scaling.no_such_name  # noqa: B018
+
 
 
 # ------------------------------------------------------------------------------------------------ properties

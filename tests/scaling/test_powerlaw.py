@@ -9,7 +9,7 @@ from fixtures_results import PAPER_STEPS, make_paper_sweep
 
 from harness import scaling
 from harness.results import load_results, paper_results
-from harness.scaling import powerlaw
+from harness.scaling import fitting
 
 TRUE_B, TRUE_FLOOR, TRUE_A = 0.5, 5.0, 50.0
 
@@ -145,14 +145,14 @@ def random_small_law_data(rng):
 
 def test_minimize_retry_returns_a_python_bool(monkeypatch):
     # The retry path (first L-BFGS run reports failure) once gave numpy's bool, which json cannot write.
-    real = powerlaw._lbfgs
+    real = fitting._lbfgs
 
     def failing_first(*args, **kwargs):
         res = real(*args, **kwargs)
         res.success = False
         return res
 
-    monkeypatch.setattr(powerlaw, "_lbfgs", failing_first)
+    monkeypatch.setattr(fitting, "_lbfgs", failing_first)
     c, f = synthetic(8, seed=3)
     for form in scaling.FORMS:
         with warnings.catch_warnings():

@@ -1,0 +1,50 @@
+"""The compute-optimal summary gives each budget its size, images, loss and FID with intervals, says what it
+cannot determine, and reads as the report's Markdown section."""
+
+import numpy as np
+import pytest
+from fixtures_scaling import TRUE, sweep_tables
+from test_powerlaw import assert_json_ready
+
+from harness.core.compute import FORWARD_BACKWARD_FACTOR
+from harness.report import format_compute_optimal_markdown
+from harness.scaling.summary import compute_optimal_summary
+
+
+def test_summary_gives_each_budget_size_images_loss_and_fid_with_intervals(sweep):
+    val, ev = sweep
+    summary = compute_optimal_summary(val, ev, n_resamples=100, holdout_resamples=50)
+    assert_json_ready(summary)
+    budgets = summary["budgets"]
+    final = (FORWARD_BACKWARD_FACTOR * val["gflops"] * val["images_seen"]).groupby(val["cell_id"]).max()
+    assert [b["beyond_sweep"] for b in budgets] == [False] * 3 + [True] * 2
+    assert budgets[0]["compute_gflops"] == pytest.approx(final.min())
+    assert budgets[2]["compute_gflops"] == pytest.approx(final.max())
+    for b in budgets:
+        size, images = b["size_opt"]["value"], b["images_opt"]["value"]
+        assert FORWARD_BACKWARD_FACTOR * size * images == pytest.approx(b["compute_gflops"], rel=1e-9)
+        for key in ("size_opt", "images_opt", "val_loss", "fid"):
+            v = b[key]
+            assert v["low"] <= v["value"] * (1 + 1e-9) and v["value"] <= v["high"] * (1 + 1e-9), (key, v)
+    # More compute buys a lower loss, and (through the loss) a lower FID.
+    assert np.all(np.diff([b["val_loss"]["value"] for b in budgets]) < 0)
+    assert np.all(np.diff([b["fid"]["value"] for b in budgets]) < 0)
+    hold = summary["holdout"]
+    assert hold["held_out_cells"] == ["DiT-XL-2_adaln_zero_synth_s0"]
+    assert hold["joint"]["median_abs_rel_error"] < 0.05 and hold["loss_to_fid"]["median_abs_rel_error"] < 0.2
+    md = format_compute_optimal_markdown(summary)
+    assert md.startswith("## Compute-optimal\n")
+    assert md.count("beyond the sweep") >= 2 and "Held-out check" in md
+    assert f"{budgets[1]['size_opt']['value']:.3g}" in md
+
+
+def test_summary_of_data_that_cannot_determine_the_optimum_says_so():
+    val, ev = sweep_tables(law=TRUE | {"A": 0.0})
+    summary = compute_optimal_summary(val, ev, n_resamples=100, holdout_resamples=30)
+    assert_json_ready(summary)
+    assert all(b["size_opt"] is None and b["fid"] is None for b in summary["budgets"])
+    assert any("not determined" in n for n in summary["notes"])
+    md = format_compute_optimal_markdown(summary)
+    assert "not determined" in md
+    assert "alpha not determined" in summary["joint_law"]["description"]
+
