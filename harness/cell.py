@@ -13,11 +13,8 @@ running study, and a changed value that matters is a new cell.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +22,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness.core import checkpoint, distributed, lease, vocabulary
-from harness.core.config import (
-    ALWAYS,
-    APPLIES_IF,
+from harness.core.config import (  # noqa: F401 - identity and config_hash are part of the cell's interface
     CONF_DIR,
     DDPM_SAMPLERS,
     DEVICES,
     FLOW_SAMPLERS,
     LABEL_SAMPLINGS,
-    NEUTRAL,
-    NEVER,
     OBJECTIVES,
     PRECISIONS,
-    ROLE,
     STAGES,
     TIME_SAMPLINGS,
     WANDB_MODES,
     WEIGHTS,
     Config,
     EvalConfig,
-    section_schema,
+    config_hash,
+    identity,
+    training_settings,
     unknown_keys,
 )
 from harness.core.runfolder import atomic_write_bytes, atomic_write_json, read_json
@@ -58,53 +52,6 @@ CONFIG_FILE = "config.yaml"
 #################################################################################
 #                                  Identity                                     #
 #################################################################################
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def _named_values(node: Any, schema: type) -> dict:
-    """The values of `node` (a section or the whole config) that name a cell, by their roles in `schema`."""
-    out = {}
-    for f in dataclasses.fields(schema):
-        role = f.metadata.get(ROLE)
-        if role == NEVER:
-            continue
-        if APPLIES_IF in f.metadata:  # e.g. a muP base width does nothing to an sp cell
-            sibling, value = f.metadata[APPLIES_IF]
-            if node[sibling] != value:
-                continue
-        sub = section_schema(f.name, schema)
-        value = node[f.name]
-        if sub is not None:
-            named = _named_values(value, sub)
-            if named:  # a section whose fields all hold their neutral values adds nothing
-                out[f.name] = named
-            continue
-        value = _plain(value)
-        if role == ALWAYS or value != _plain(f.metadata.get(NEUTRAL, _field_default(f))):
-            out[f.name] = value
-    return out
-
-
-def identity(cfg: Any) -> dict:
-    """Returns the canonical dict that names a cell: the values that change the trained network."""
-    return _named_values(cfg, Config)
-
-
-def config_hash(cfg: Any) -> str:
-    """Returns the sha256 (64 hex digits) of the canonical JSON of the cell's identity."""
-    blob = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def cell_id(cfg: Any) -> str:
@@ -129,7 +76,11 @@ def _positive(problems: list[str], section: Any, prefix: str, keys: tuple[str, .
 
 def _train_problems(cfg: Any) -> list[str]:
     t, problems = cfg.train, []
-    _positive(problems, t, "train", ("steps", "global_batch", "log_every", "val_every", "val_batch", "ckpt_every"))
+    _positive(problems, t, "train", ("steps", "global_batch", "log_every", "val_every", "val_batch", "val_times",
+                                     "ckpt_every"))
+    if getattr(t, "val_images", None) is not None and t.val_images < 2:
+        problems.append(f"train.val_images={t.val_images} must be at least 2 (a standard error needs two images) "
+                        "or null (the held-out split, at most 1,024)")
     if t.keep_last < 1:
         problems.append(f"train.keep_last={t.keep_last} must be at least 1")
     if t.lr <= 0:
@@ -297,6 +248,8 @@ def cell_facts(cfg: Any) -> dict:
         "hidden_size": cfg.model.hidden_size, "num_heads": cfg.model.num_heads,
         "objective": cfg.objective.name, "parametrization": cfg.model.parametrization,
         "mup_base_width": mup_base_width(cfg), "lr": cfg.train.lr,
+        # everything else that changes what is trained: what a law checks before fitting cells together
+        "settings": training_settings(cfg),
     }
 
 
@@ -416,6 +369,11 @@ def fast_path(tcfg: Any, device: torch.device) -> tuple[str, bool]:
     precision = tcfg.precision if tcfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     compile_model = tcfg.compile if tcfg.compile is not None else device.type == "cuda"
     return precision, bool(compile_model)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """Returns the autocast context of a precision: bf16 autocast, or none (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def check_checkpoint(run_dir: Path, step: int) -> Path:

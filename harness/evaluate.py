@@ -28,7 +28,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from harness import heldout
 from harness.cell import (
+    autocast_for,
+    build_model,
+    build_objective,
     check_checkpoint,
     eval_problems,
     extractor_for,
@@ -40,8 +44,10 @@ from harness.cell import (
 )
 from harness.core import checkpoint, cli, distributed
 from harness.core.config import ALWAYS, NEUTRAL, NEVER, ROLE, EvalConfig, eval_steps
-from harness.core.runfolder import atomic_write_json, read_json
-from harness.core.vocabulary import METRIC_OF_KEY
+from harness.core.runfolder import append_jsonl, atomic_write_json, read_json, read_jsonl
+from harness.core.vocabulary import METRIC_OF_KEY, weights_id
+from harness.data.datasets import build_codec, data_kind
+from harness.model import dit
 from harness.sample import SAMPLE_KEYS, sample_to_npz, save_pngs
 
 log = logging.getLogger(__name__)
@@ -51,10 +57,16 @@ EVALS_DIR = "evals"
 METRICS_KEY = "metrics"
 _EVAL_FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
 # Fields that name a record: those with a role in EvalConfig other than `runtime`, except the metric list.
-SETTING_KEYS = tuple(k for k, f in _EVAL_FIELDS.items() if f.metadata.get(ROLE) != NEVER and k != METRICS_KEY)
+CONFIG_SETTING_KEYS = tuple(k for k, f in _EVAL_FIELDS.items() if f.metadata.get(ROLE) != NEVER and k != METRICS_KEY)
+# Settings no config field holds, derived from one, with the value a record made before they existed had: the
+# weights of an in-house extractor (None before they shipped: weights trained on first use, per machine).
+DERIVED_SETTINGS = {"extractor_weights": None}
+SETTING_KEYS = CONFIG_SETTING_KEYS + tuple(DERIVED_SETTINGS)
 
 
 def _neutral(key: str) -> Any:
+    if key in DERIVED_SETTINGS:
+        return DERIVED_SETTINGS[key]
     f = _EVAL_FIELDS[key]
     return f.metadata.get(NEUTRAL, f.default if f.default is not dataclasses.MISSING else None)
 
@@ -65,11 +77,13 @@ def _plain_eval(cfg: Any) -> dict:
 
 def eval_settings(cfg: Any) -> dict:
     """Returns the settings that name an evaluation: the always-named fields of EvalConfig with their values
-    (the extractor resolved), and fields added later only where they differ from their neutral value."""
+    (the extractor resolved), fields added later only where they differ from their neutral value, and the shipped
+    weights of an in-house extractor (so a record made with other weights is never taken for this one's)."""
     e = _plain_eval(cfg)
     e["extractor"] = extractor_for(cfg)
+    e["extractor_weights"] = weights_id(e["extractor"])
     return {k: e[k] for k in SETTING_KEYS
-            if _EVAL_FIELDS[k].metadata.get(ROLE) == ALWAYS or e[k] != _neutral(k)}
+            if (k in _EVAL_FIELDS and _EVAL_FIELDS[k].metadata.get(ROLE) == ALWAYS) or e[k] != _neutral(k)}
 
 
 def eval_hash(cfg: Any) -> str:
@@ -137,13 +151,19 @@ def missing_metrics(cfg: Any, record: dict | None) -> list[str]:
 
 
 def evaluation_done(cfg: Any, run_dir: Path, step: int) -> bool:
-    """True when the step has a record with these settings holding every metric asked for."""
+    """True when the step has a record with these settings holding every metric asked for, and the validation
+    loss of its checkpoint (what the loss-to-FID law pairs with the record) is measured, or can no longer be."""
     _, record = record_for(cfg, run_dir, step)
-    return record is not None and not missing_metrics(cfg, record)
+    return record is not None and not missing_metrics(cfg, record) and _validated_or_gone(run_dir, step)
+
+
+def _validated_or_gone(run_dir: Path, step: int) -> bool:
+    return validation_done(run_dir, step) or not checkpoint.ckpt_path(Path(run_dir) / "checkpoints", step).exists()
 
 
 def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
-    """Samples from the checkpoint at `step`, computes the metrics, writes and returns the record.
+    """Samples from the checkpoint at `step`, computes the metrics, writes and returns the record; measures the
+    checkpoint's validation loss when metrics.jsonl has none at that step (`validate_step`).
 
     Raises cli.BadInput for bad settings, FileNotFoundError for a missing checkpoint and cli.MissingWeights
     for extractor weights that are not here, all before any sampling. Holds the cell's lease while writing.
@@ -153,21 +173,21 @@ def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
         raise cli.BadInput(f"bad evaluation settings: {'; '.join(problems)}")
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
     _, existing = record_for(cfg, run_dir, step)
-    if existing is not None and not missing_metrics(cfg, existing):
+    if existing is not None and not missing_metrics(cfg, existing) and _validated_or_gone(run_dir, step):
         return existing
     check_checkpoint(run_dir, step)  # before anything is held, loaded or trained
     env = distributed.init(cfg.device)
-    if env.is_main:  # missing weights fail here, with what to fetch and where, before the lease and any sampling
-        from harness.metrics import fidelity  # see _evaluate
+    if env.is_main and missing_metrics(cfg, existing):  # missing weights fail here, with what to fetch and where,
+        from harness.metrics import fidelity  # before the lease and any sampling (see _evaluate)
 
         fidelity.preflight(missing_metrics(cfg, existing), extractor_for(cfg), cuda=env.device.type == "cuda",
                           dinov2_model=cfg.eval.dinov2_model)
     with hold(run_dir, "evaluate", env, cfg.lock_wait_s):
         record_path, existing = record_for(cfg, run_dir, step)  # again: another process may have just written it
         todo = missing_metrics(cfg, existing)
-        if existing is not None and not todo:
-            return existing
-        record = _evaluate(cfg, step, run_dir, env, record_path, existing, todo)
+        record = existing if existing is not None and not todo else \
+            _evaluate(cfg, step, run_dir, env, record_path, existing, todo)
+        validate_step(cfg, step, run_dir, env)
     return record
 
 
@@ -209,10 +229,12 @@ def _new_record(cfg, step: int, run_dir: Path, npz: Path, samples: np.ndarray, m
     settings = eval_settings(cfg)
     ckpt = checkpoint.load(checkpoint.ckpt_path(run_dir / "checkpoints", step))
     e = _plain_eval(cfg)
+    unique = ckpt.get("unique_train_images")
     return {
-        "step": step, "images_seen": int(ckpt["images_seen"]),
+        "step": step, "images_seen": int(ckpt["images_seen"]), "unique_train_images": unique,
+        "epochs": None if not unique else int(ckpt["images_seen"]) / unique,
         # every naming field with its value, neutral or not, so a later reader needs no defaults
-        **{k: e[k] for k in SETTING_KEYS}, **settings,
+        **{k: e[k] for k in CONFIG_SETTING_KEYS}, **DERIVED_SETTINGS, **settings,
         "num_samples": int(len(samples)), "preset": cfg.eval.preset, "objective": cfg.objective.name,
         "guided": bool(cfg.eval.cfg_scale > 1.0),
         "metrics": dict(m["metrics"]), "metrics_requested": list(todo),
@@ -239,6 +261,43 @@ def _merge(existing: dict | None, new: dict, added: list[str]) -> dict:
     out["completed"] = list(existing.get("completed", [])) + [{"metrics": added, "wall_s": new["wall_s"],
                                                                 "versions": new["versions"]}]
     return out
+
+
+def validation_done(run_dir: Path, step: int) -> bool:
+    """True when metrics.jsonl holds a validation line of the current estimator (harness.heldout) at `step`."""
+    return any(r.get("step") == step and isinstance(r.get("validation"), dict)
+               for r in read_jsonl(Path(run_dir) / "metrics.jsonl"))
+
+
+def validate_step(cfg: Any, step: int, run_dir: Path, env) -> dict | None:
+    """Measures the validation loss of a kept checkpoint (raw and EMA weights, harness.heldout) and appends it to
+    metrics.jsonl as the trainer would have; returns the line, or None when the step has one already. Lets a cell
+    trained before held-out validation existed (or validated at other steps) get the loss that the loss-to-FID law
+    pairs with each evaluation, from the checkpoint that evaluation read."""
+    if validation_done(run_dir, step):
+        return None
+    try:
+        path = check_checkpoint(run_dir, step)
+    except (FileNotFoundError, ValueError) as e:  # the checkpoint was pruned or broke since: nothing to measure
+        log.warning("%s: no validation loss at step %d: %s", Path(run_dir).name, step, e)
+        return None
+    state = checkpoint.load(path)
+    raw, ema = build_model(cfg), build_model(cfg)
+    dit.load_checkpoint(state, raw, key="model")
+    dit.load_checkpoint(state, ema, key="ema")
+    objective = build_objective(cfg).to(env.device)
+    codec = build_codec(cfg.data, device=env.device) if data_kind(cfg.data.name).encode_every_step else None
+    vs = heldout.validation_set(cfg, objective, codec, env.device)
+    precision, _ = fast_path(cfg.train, env.device)
+    unique = state.get("unique_train_images")
+    line = {"step": step, "images_seen": int(state["images_seen"]),
+            "epochs": None if not unique else int(state["images_seen"]) / unique, "unique_train_images": unique,
+            **heldout.validation_record(raw.to(env.device), ema.to(env.device), objective, vs,
+                                        autocast_for(precision, env.device)),
+            "source": "evaluate"}
+    if env.is_main:
+        append_jsonl(Path(run_dir) / "metrics.jsonl", line)
+    return line
 
 
 def reference_set(cfg: Any) -> tuple[np.ndarray, str]:
@@ -282,27 +341,53 @@ def versions() -> dict:
             "harness": harness_version, "git_commit": checkpoint.git_commit()}
 
 
-USAGE = "usage: python -m harness.evaluate run_dir=RUN_FOLDER step=N|all [eval=PRESET] [eval.KEY=VALUE ...]"
+USAGE = ("usage: python -m harness.evaluate run_dir=RUN_FOLDER step=N|all [validation=only] [eval=PRESET] "
+         "[eval.KEY=VALUE ...]")
+CLI_KEYS = ("run_dir=", "step=", "validation=")
+
+
+def validate_cell(cfg: Any, run_dir: Path, steps: list[int]) -> list[dict]:
+    """Measures the validation loss of each kept checkpoint in `steps` that has none yet (harness.heldout);
+    returns the lines written. Holds the cell's lease."""
+    env = distributed.init(cfg.device)
+    with hold(run_dir, "validate", env, cfg.lock_wait_s):
+        return [line for s in steps if (line := validate_step(cfg, s, run_dir, env)) is not None]
 
 
 @cli.guard
 def main(argv: list[str] | None = None) -> list[dict]:
-    """`python -m harness.evaluate run_dir=... step=N|all [eval=PRESET] [eval.KEY=V]`: prints the metrics."""
+    """`python -m harness.evaluate run_dir=... step=N|all [validation=only] [eval=PRESET] [eval.KEY=V]`: prints the
+    metrics (with validation=only: the held-out validation loss of kept checkpoints, no sampling)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    kv = dict(a.split("=", 1) for a in args if a.startswith(("run_dir=", "step=")))
+    kv = dict(a.split("=", 1) for a in args if a.startswith(CLI_KEYS))
     if "run_dir" not in kv:
         raise cli.BadInput(f"run_dir= is missing; {USAGE}")
     step = kv.get("step", "all")
     if step != "all" and not step.isdigit():
         raise cli.BadInput(f"step={step!r}: expected a checkpoint step (a positive integer) or all")
+    if kv.get("validation", "only") != "only":
+        raise cli.BadInput(f"validation={kv['validation']!r}: allowed: only (the validation loss alone, no metrics)")
     run_dir = Path(kv["run_dir"])
     if not run_dir.is_dir():
         raise cli.BadInput(f"run_dir={run_dir}: no such folder")
-    cfg = load_run_config(run_dir, [a for a in args if not a.startswith(("run_dir=", "step="))])
+    cfg = load_run_config(run_dir, [a for a in args if not a.startswith(CLI_KEYS)])
     problems = eval_problems(cfg)
     if problems:
         raise cli.BadInput(f"bad evaluation settings: {'; '.join(problems)}")
+    if "validation" in kv:
+        kept = checkpoint.list_steps(run_dir / "checkpoints")
+        if step != "all" and int(step) not in kept:
+            raise cli.BadInput(f"step={step}: no checkpoint at that step in {run_dir / 'checkpoints'} (have {kept})")
+        lines = validate_cell(cfg, run_dir, kept if step == "all" else [int(step)])
+        for line in lines:
+            p = "val" if line["validation"]["heldout"] else "train_batch"
+            print(f"step {line['step']}: {p}_loss={line[p + '_loss']:.5g} +- {line[p + '_loss_se']:.2g}, "
+                  f"{p}_loss_ema={line[p + '_loss_ema']:.5g} +- {line[p + '_loss_ema_se']:.2g} "
+                  f"({line['validation']['split']} split, {line['validation']['num_images']} images)")
+        if not lines:
+            print("every kept checkpoint has its validation loss already")
+        return lines
     records = evaluate_cell(cfg, run_dir) if step == "all" else [evaluate(cfg, int(step), run_dir)]
     for r in records:
         print(f"step {r['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in r["metrics"].items()

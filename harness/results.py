@@ -9,6 +9,7 @@ their state; a cell with no evaluation yet gives one row with `evaluated=False` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from harness.core import cli
 from harness.core.compute import paper_table, train_compute_gflops, train_flops
+from harness.core.config import Config, training_settings
 from harness.core.runfolder import atomic_open, read_jsonl, read_status
 from harness.core.vocabulary import (  # noqa: F401 - the labels the results table uses, read from here by the analysis
     NAMES,
@@ -28,6 +31,7 @@ from harness.core.vocabulary import (  # noqa: F401 - the labels the results tab
     VALUE_KEYS,
     format_samples,
     metric_label,
+    weights_id,
 )
 
 SWEEP_MARKER = "sweep.json"
@@ -72,6 +76,8 @@ CELL_COLUMNS = (
     "lr",
     "config_hash",
 )
+# The facts of cell.json that are training settings, what a cell without a readable config.yaml is compared by.
+SETTING_FACTS = ("cond", "data", "objective", "parametrization", "mup_base_width", "lr", "global_batch")
 # What cells made before a fact existed did: cell.json of an older harness lacks these keys.
 CELL_DEFAULTS = {"objective": "ddpm", "parametrization": "sp"}
 COLUMNS = (
@@ -93,6 +99,19 @@ COLUMNS = (
     "gpu_hours",
     "eval_wall_s",
     "eval_gpu_hours",
+    "val_loss_se",
+    "val_loss_ema",
+    "val_loss_ema_se",
+    "train_batch_loss",
+    "train_batch_loss_ema",
+    "val_split",
+    "val_images",
+    "epochs",
+    "unique_train_images",
+    "extractor_weights",
+    "extractor_current",
+    "settings_key",
+    "settings",
     "run_dir",
 )
 
@@ -136,10 +155,49 @@ def run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
     return sorted(p.parent for p in sweep_dir.glob(f"*/{CELL_FILE}"))
 
 
-def _val_loss_at(metrics: list[dict], step: int) -> float:
-    """Returns the last validation loss logged at or before `step` (NaN when none)."""
-    vals = [m["val_loss"] for m in metrics if "val_loss" in m and m.get("step", -1) <= step]
-    return float(vals[-1]) if vals else float("nan")
+# The loss columns of a validation line (harness.heldout): `val_*` on held-out images, `train_batch_*` on a fixed
+# batch of training images (a data set without a held-out split), each with its standard error.
+HELDOUT_COLUMNS = ("val_loss", "val_loss_se", "val_loss_ema", "val_loss_ema_se", "val_vb", "val_vb_ema")
+TRAIN_BATCH_COLUMNS = ("train_batch_loss", "train_batch_loss_se", "train_batch_loss_ema", "train_batch_loss_ema_se",
+                       "train_batch_vb", "train_batch_vb_ema")
+LOSS_COLUMNS = HELDOUT_COLUMNS + TRAIN_BATCH_COLUMNS
+# Epochs past which repeated images are worth less than fresh ones (Muennighoff et al. 2023, "Scaling Data-
+# Constrained Language Models": up to about 4 epochs of repetition is nearly as good as new data).
+EPOCHS_WORTH_LESS = 4.0
+
+
+def validation_lines(metrics: list[dict]) -> dict[int, dict]:
+    """Returns {step: {loss column: value, "val_split", "val_images", "val_times", "images_seen", "epochs",
+    "unique_train_images"}} of a run's log, the last line of a step winning per column.
+
+    Important: lines written before held-out validation existed hold "val_loss"/"val_loss_ema" measured on a fixed
+    batch of training images (and, under DDPM, mse + vb): they read as `train_batch_loss`/`train_batch_loss_ema`,
+    never as validation losses."""
+    out: dict[int, dict] = {}
+    for r in metrics:
+        if "step" not in r:
+            continue
+        how = r.get("validation")
+        if isinstance(how, dict):
+            values = {k: r[k] for k in LOSS_COLUMNS if k in r}
+            if how.get("heldout"):
+                values.update(val_split=how.get("split"), val_images=how.get("num_images"), val_times=how.get("times"))
+        elif "val_loss" in r:  # an earlier version's fixed training batch
+            values = {"train_batch_loss": r["val_loss"], "train_batch_loss_ema": r.get("val_loss_ema", np.nan)}
+        else:
+            continue
+        for k in ("images_seen", "epochs", "unique_train_images"):
+            if r.get(k) is not None:
+                values[k] = r[k]
+        out.setdefault(int(r["step"]), {}).update(values)
+    return out
+
+
+def epochs_of(images_seen, unique) -> float:
+    """Returns images seen / distinct training images (NaN when unknown or for a stream that never repeats)."""
+    if unique is None or pd.isna(unique) or not unique or images_seen is None or pd.isna(images_seen):
+        return np.nan
+    return float(images_seen) / float(unique)
 
 
 def _train_loss_at(metrics: list[dict], step: int) -> float:
@@ -161,6 +219,9 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
     }
     for k in CELL_COLUMNS:
         base[k] = cell.get(k, CELL_DEFAULTS.get(k))
+    settings = _settings(run_dir, cell)
+    base["settings"] = json.dumps(settings, sort_keys=True, default=str)
+    base["settings_key"] = hashlib.sha256(base["settings"].encode()).hexdigest()[:8]
     base["state"] = status.get("state", "pending")
     base["reason"] = status.get("reason")
     base["wall_s"] = status.get("wall_s", np.nan)
@@ -175,6 +236,8 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
                     evals.append(_read_json(p))
                 except ValueError as e:  # a torn record: the next evaluation writes it again
                     warnings.warn(f"skipping evaluation record {p}: {e}", stacklevel=2)
+    val = validation_lines(metrics)
+    unique = cell.get("unique_train_images")
     rows = []
     for ev in sorted(evals, key=lambda e: e["step"]):
         row = dict(base, evaluated=True, step=int(ev["step"]))
@@ -187,33 +250,74 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
             row["guided"] = bool((ev.get("cfg_scale") or 1.0) > 1.0)
         row["eval_wall_s"] = ev.get("wall_s", np.nan)
         row["eval_gpu_hours"] = ev.get("gpu_hours", np.nan)
+        row["extractor_weights"] = _extractor_weights(ev)
+        row["extractor_current"] = weights_id(row["extractor"]) in (None, row["extractor_weights"])
+        unique = ev.get("unique_train_images") or unique
         rows.append(row)
     if not rows:
         # A pending, running or failed cell: keep it in the table so its state is visible.
         step = int(status.get("step", 0) or 0)
         rows.append(dict(base, evaluated=False, step=step, images_seen=step * (base["global_batch"] or 0)))
     for row in rows:
-        row["val_loss"] = _val_loss_at(metrics, row["step"])
+        # The losses measured at exactly this step (the trainer validates at every evaluation step; so does the
+        # evaluation of a kept checkpoint): never an older line's.
+        at = val.get(row["step"], {})
+        for k in LOSS_COLUMNS + ("val_split", "val_images"):
+            row[k] = at.get(k, np.nan)
+        row["unique_train_images"] = at.get("unique_train_images", unique)
+        row["epochs"] = epochs_of(row["images_seen"], row["unique_train_images"])
         row["train_loss"] = _train_loss_at(metrics, row["step"])
     return rows
 
 
-VALIDATION_COLUMNS = ("sweep", "cell_id", *CELL_COLUMNS, "state", "step", "images_seen", "train_compute_gflops",
-                      "val_loss", "val_loss_ema", "run_dir")
+def _extractor_weights(record: dict) -> str | None:
+    """Returns the 12-digit weights id of the extractor a record was made with: its own field, else (records older
+    than the field) the hash its extractor_info holds; None for extractors pinned elsewhere (Inception)."""
+    if record.get("extractor_weights"):
+        return record["extractor_weights"]
+    info = record.get("extractor_info") or {}
+    return str(info["weights_sha256"])[:12] if info.get("weights_sha256") else None
+
+
+def _settings(run_dir: Path, cell: dict) -> dict:
+    """Returns what a cell trained with off the law's axes (harness.core.config.training_settings): from cell.json,
+    or for a cell made before cell.json held it, from its config.yaml read onto the schema."""
+    if isinstance(cell.get("settings"), dict):
+        return cell["settings"]
+    if not (run_dir / "config.yaml").exists():  # a folder written by hand (or a test fixture): its facts only
+        return {k: cell.get(k, CELL_DEFAULTS.get(k)) for k in SETTING_FACTS}
+    try:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        return training_settings(OmegaConf.merge(OmegaConf.structured(Config), saved))
+    except Exception as e:  # noqa: BLE001 - an unreadable config: the cell is compared by its cell.json facts only
+        warnings.warn(f"{run_dir}: cannot read config.yaml for its training settings ({e})", stacklevel=2)
+        return {k: cell.get(k, CELL_DEFAULTS.get(k)) for k in SETTING_FACTS}
+
+
+VALIDATION_COLUMNS = ("sweep", "cell_id", *CELL_COLUMNS, "state", "step", "images_seen", "epochs",
+                      "unique_train_images", "train_compute_gflops", *LOSS_COLUMNS, "val_split", "val_images",
+                      "val_times", "settings_key", "settings", "run_dir")
 
 
 def load_validation_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]:
-    """Returns one row per validation record of a run's current training (the last line of each step)."""
+    """Returns one row per validated step of a run's current training: its held-out losses (`val_*`) and
+    training-batch losses (`train_batch_*`), each with its standard error where measured, NaN where not."""
     run_dir = Path(run_dir)
     cell = _read_json(run_dir / CELL_FILE)
+    settings = json.dumps(_settings(run_dir, cell), sort_keys=True, default=str)
     base = {"sweep": sweep if sweep is not None else run_dir.parent.name, "cell_id": cell.get("cell_id", run_dir.name),
-            "state": read_status(run_dir).get("state", "pending"), "run_dir": str(run_dir)}
+            "state": read_status(run_dir).get("state", "pending"), "run_dir": str(run_dir), "settings": settings,
+            "settings_key": hashlib.sha256(settings.encode()).hexdigest()[:8]}
     for k in CELL_COLUMNS:
         base[k] = cell.get(k, CELL_DEFAULTS.get(k))
-    records = {r["step"]: r for r in _read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r and "step" in r}
-    return [dict(base, step=int(step), images_seen=r.get("images_seen", step * (base["global_batch"] or 0)),
-                 val_loss=r["val_loss"], val_loss_ema=r.get("val_loss_ema", np.nan))
-            for step, r in sorted(records.items())]
+    rows = []
+    for step, values in sorted(validation_lines(_read_jsonl(run_dir / "metrics.jsonl")).items()):
+        row = dict(base, step=step, images_seen=values.get("images_seen", step * (base["global_batch"] or 0)))
+        row.update({k: values.get(k, np.nan) for k in (*LOSS_COLUMNS, "val_split", "val_images", "val_times")})
+        row["unique_train_images"] = values.get("unique_train_images")
+        row["epochs"] = epochs_of(row["images_seen"], row["unique_train_images"])
+        rows.append(row)
+    return rows
 
 
 def _folder_list(sweep_dirs: str | os.PathLike | list) -> list:
@@ -346,6 +450,7 @@ def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False)
                          f"{scales}): guidance lowers FID by a factor of several. Select one, e.g. "
                          "df[~df.guided] (the grid's protocol) or df[df.preset == 'fid50k_cfg'], or pass "
                          "allow_mixed=True")
+    rows, weights_note = _current_extractor(rows, metric, allow_mixed)
     counts = sorted(rows["num_samples"].dropna().unique().tolist())
     extractors = sorted(rows["extractor"].dropna().unique().tolist())
     hashes = rows["settings_hash"].dropna().unique().tolist() if "settings_hash" in rows else []
@@ -364,11 +469,30 @@ def comparable(df: pd.DataFrame, metric: str = "fid", allow_mixed: bool = False)
         )
     if mixed or len(guided) > 1:
         return rows, f"{NAMES.get(metric, metric)} (mixed settings)"
-    label = metric_label(metric, counts[0] if counts else None, extractors[0] if extractors else None)
+    label = metric_label(metric, counts[0] if counts else None, extractors[0] if extractors else None) + weights_note
     if guided == [True]:
         scales = sorted(rows["cfg_scale"].dropna().unique().tolist())
         label += f", cfg {'/'.join(f'{s:g}' for s in scales)}"
     return rows, label
+
+
+def _current_extractor(rows: pd.DataFrame, metric: str, allow_mixed: bool) -> tuple[pd.DataFrame, str]:
+    """Returns (the rows measured with the extractor weights this harness ships, a label note): records made with
+    an in-house extractor's earlier weights (trained on first use, per machine) are left out wherever the shipped
+    weights measured the same metric, and never mixed with them; alone, they are kept and labelled."""
+    if "extractor_current" not in rows or allow_mixed:
+        return rows, ""
+    current = rows["extractor_current"].astype(object).fillna(True).astype(bool)
+    if current.any() and not current.all():
+        rows = rows[current]
+    weights = sorted({str(w) for w in rows.get("extractor_weights", pd.Series(dtype=object)).dropna()})
+    if len(weights) > 1:
+        raise ValueError(f"refusing to mix {NAMES.get(metric, metric)} values of one extractor with different "
+                         f"weights {weights}: each set of weights is another feature space. Select one, e.g. "
+                         f"df[df.extractor_weights == {weights[0]!r}], or pass allow_mixed=True")
+    if not current.any():
+        return rows, f" [earlier extractor weights {weights[0] if weights else '?'}: not comparable across machines]"
+    return rows, ""
 
 
 def comparison_step(df: pd.DataFrame, metric: str = "fid") -> int:

@@ -34,7 +34,9 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from harness import heldout
 from harness.cell import (
+    autocast_for,
     build_model,
     build_objective,
     cell_id,
@@ -48,13 +50,11 @@ from harness.cell import (
 from harness.core import checkpoint, cli, distributed, lease, runfolder
 from harness.core.config import compose, eval_steps
 from harness.core.runfolder import append_jsonl, read_status, update_status
-from harness.data.datasets import build_codec, build_dataset, data_kind
+from harness.data.datasets import build_codec, build_dataset, data_kind, unique_images
 from harness.model import mup
 
 log = logging.getLogger(__name__)
 
-VAL_SEED = 20_231_212  # the fixed validation batch draws from its own stream, identical for every cell
-VAL_CHUNK = 64  # validation samples per forward pass
 STEP_SEED_STRIDE = 1_000_003  # step s of seed k draws from generator seed k * STRIDE + s
 AUG_RANK_STRIDE = 104_729  # each rank augments its slice from its own stream
 EPOCH_SEED_STRIDE = 7_919  # the data order of epoch e of seed k is a permutation seeded by k * STRIDE + e
@@ -202,11 +202,6 @@ def make_optimizer(model: torch.nn.Module, tcfg: Any, device: torch.device) -> t
     return torch.optim.AdamW(mup.param_groups(model, tcfg.lr, tcfg.weight_decay), **kwargs)
 
 
-def autocast_for(precision: str, device: torch.device):
-    """Returns the autocast context of a precision: bf16 autocast, or none (fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
 @dataclass
 class Stepper:
     """What one optimisation step touches, built once (`make_stepper`); the trainer and the benchmarks
@@ -292,6 +287,7 @@ class Progress:
 
     step: int = 0
     images_seen: int = 0
+    unique_images: int | None = None  # distinct training images (None: a stream that never repeats)
     wall_s_before: float = 0.0  # wall time of earlier attempts
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -359,7 +355,8 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
     tcfg, objective = cfg.train, stepper.objective
     ckpt_dir = run_dir / "checkpoints"
     micro, accum = stepper.micro, stepper.accum
-    val = _fixed_val_batch(cfg, dataset, codec, objective, env)
+    vs = heldout.validation_set(cfg, objective, codec, env.device, train_dataset=dataset)
+    progress.unique_images = unique_images(dataset)
     per_rank = micro * accum
     lo = env.rank * per_rank
 
@@ -392,7 +389,7 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
             if step + 1 < tcfg.steps:
                 prefetch.push((step + 1, order.next_indices()))
             g = step_generator(cfg.seed, step, env.device)  # on the device: no host copy, no sync
-            t, noise, drop = draw_step(objective, g, tcfg.global_batch, tuple(val["x"].shape[1:]),
+            t, noise, drop = draw_step(objective, g, tcfg.global_batch, tuple(vs.x.shape[1:]),
                                        tcfg.class_dropout_prob, env.device)
             mine = slice(lo, lo + per_rank)
             loss, window.grad_norm = train_step(stepper, x, y, t[mine], noise[mine], drop[mine], aug_g)
@@ -406,8 +403,8 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
             stopping = _should_stop(env, stop, held, at_log_step=is_log)
             if is_log or stopping:
                 _log(run_dir, env, progress, window, stepper.opt, bar, run)
-            if step % tcfg.val_every == 0 or step == tcfg.steps:
-                _validate(run_dir, env, progress, stepper, objective, val, run)
+            if step % tcfg.val_every == 0 or step in keep_steps or step == tcfg.steps:
+                _validate(run_dir, env, progress, stepper, objective, vs, run)
             if is_ckpt or stopping:
                 _save(cfg, env, ckpt_dir, progress, stepper, data_state, keep_steps)
                 if env.is_main:
@@ -531,7 +528,8 @@ def _log(run_dir, env, progress: Progress, w: LogWindow, opt, bar, run) -> None:
     if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
         raise TrainingFailed(f"non-finite loss {loss_value} at step {progress.step}; stopped, not saved")
     now = time.perf_counter()
-    rec = {"step": progress.step, "images_seen": progress.images_seen, "loss": loss_value, "grad_norm": grad_norm,
+    rec = {"step": progress.step, "images_seen": progress.images_seen,
+           "epochs": epochs(progress.images_seen, progress.unique_images), "loss": loss_value, "grad_norm": grad_norm,
            "lr": opt.param_groups[0]["lr"],
            "images_per_s": (progress.images_seen - w.images_at_start) / max(now - w.t_start, 1e-9),
            "wall_s": progress.wall_s()}
@@ -544,15 +542,24 @@ def _log(run_dir, env, progress: Progress, w: LogWindow, opt, bar, run) -> None:
             run.log(rec, step=progress.step)
 
 
-def _validate(run_dir, env, progress: Progress, s: Stepper, objective, val: dict, run) -> None:
-    """Writes the validation line: the objective's loss of the model and of its EMA on the fixed batch."""
-    val_loss, val_loss_ema = _val_loss(s.model, s.ema, objective, val, s.autocast)
+def epochs(images_seen: int, unique: int | None) -> float | None:
+    """Returns how many times the training set was gone through: images seen / distinct training images (None for
+    a stream that never repeats). Past about 4, repeated images are worth less than fresh ones (Muennighoff et al.
+    2023)."""
+    return None if not unique else images_seen / unique
+
+
+def _validate(run_dir, env, progress: Progress, s: Stepper, objective, vs: heldout.ValidationSet, run) -> None:
+    """Writes the validation line: the loss of the model and of its EMA on the fixed held-out set, with standard
+    errors (harness.heldout), and the epochs the step is at."""
+    rec = {"step": progress.step, "images_seen": progress.images_seen,
+           "epochs": epochs(progress.images_seen, progress.unique_images),
+           "unique_train_images": progress.unique_images,
+           **heldout.validation_record(s.model, s.ema, objective, vs, s.autocast)}
     if env.is_main:
-        rec = {"step": progress.step, "images_seen": progress.images_seen, "val_loss": val_loss,
-               "val_loss_ema": val_loss_ema}
         append_jsonl(run_dir / "metrics.jsonl", rec)
         if run is not None:
-            run.log(rec, step=progress.step)
+            run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=progress.step)
 
 
 def _finish(cfg, env, run_dir, progress: Progress, note=None) -> dict:
@@ -575,47 +582,13 @@ def _save(cfg, env, ckpt_dir, progress: Progress, s: Stepper, data_state, keep_s
         state = {
             "model": s.model.state_dict(), "ema": s.ema.state_dict(), "opt": s.opt.state_dict(),
             "step": progress.step, "images_seen": progress.images_seen, "rng": checkpoint.rng_state(),
+            "unique_train_images": progress.unique_images,
             "data": data_state, "config": OmegaConf.to_container(cfg, resolve=True),
             "config_hash": config_hash(cfg), "git_commit": checkpoint.git_commit(), "wall_s": progress.wall_s(),
         }
         checkpoint.save(ckpt_dir, progress.step, state)
         checkpoint.prune(ckpt_dir, cfg.train.keep_last, keep_steps)
     distributed.barrier()
-
-
-def _fixed_val_batch(cfg, dataset, codec, objective, env) -> dict:
-    """Returns fixed images, times and noise, identical across steps, restarts and cells of one data set."""
-    g = torch.Generator().manual_seed(VAL_SEED)
-    n = min(cfg.train.val_batch, len(dataset))
-    idx = torch.randperm(len(dataset), generator=g)[:n]
-    x, y = dataset.get_batch(idx)
-    x = dataset.augment(x, g)
-    if codec is not None:
-        with torch.no_grad():
-            x = codec.encode(x.to(env.device), generator=g).cpu()
-    t = objective.sample_t(n, g, torch.device("cpu"))
-    noise = torch.randn(x.shape, generator=g)
-    return {"x": x, "y": y, "t": t, "noise": noise}
-
-
-@torch.no_grad()
-def _val_loss(model, ema, objective, val, autocast) -> tuple[float, float]:
-    """Returns the objective's loss of the model and of its EMA on the fixed validation batch (labels kept)."""
-    out = []
-    for net in (model, ema):
-        was_training = net.training
-        net.eval()
-        dev = next(net.parameters()).device
-        losses = []
-        for i in range(0, len(val["x"]), VAL_CHUNK):
-            sl = slice(i, i + VAL_CHUNK)
-            with autocast:
-                r = objective.training_losses(net, val["x"][sl].to(dev), val["t"][sl].to(dev),
-                                              {"y": val["y"][sl].to(dev)}, noise=val["noise"][sl].to(dev))
-            losses.append(r["loss"].float())
-        net.train(was_training)
-        out.append(float(distributed.all_reduce_mean(torch.cat(losses).mean())))
-    return out[0], out[1]
 
 
 def _wandb_run(cfg, env, run_dir):

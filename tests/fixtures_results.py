@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.core.vocabulary import weights_id
+
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CSV = REPO / "analysis" / "reference" / "dit_table4.csv"
 PAPER_BATCH = 256
@@ -64,6 +66,7 @@ def eval_record(
         "label_sampling": "uniform",
         "weights": "ema",
         "extractor": extractor,
+        "extractor_weights": weights_id(extractor),  # the shipped weights of an in-house extractor, None for Inception
         "reference_stats_id": f"{data}_ref_{extractor}",
         "data": data,
         "seed": 0,
@@ -120,13 +123,8 @@ def make_paper_sweep(
             for s in steps
         ]
         metrics = [
-            {
-                "step": s,
-                "images_seen": s * PAPER_BATCH,
-                "loss": 0.15,
-                "val_loss": 0.14 + 0.01 / r.gflops,
-                "wall_s": s / 10,
-            }
+            {"step": s, "images_seen": s * PAPER_BATCH, "loss": 0.15, "wall_s": s / 10,
+             **val_line(0.14 + 0.01 / r.gflops, split="val")}
             for s in steps
         ]
         status = {
@@ -193,8 +191,21 @@ DEMO_CELLS = {
 }
 
 
-def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int = 500) -> Path:
-    """Writes a sweep folder with DEMO_CELLS (off-paper sizes, digits extractor) and returns it."""
+def val_line(loss: float, split: str = "test", num_images: int = 296, legacy: bool = False) -> dict:
+    """Returns the loss fields of a validation line of metrics.jsonl (harness.heldout): held-out losses with standard
+    errors (0.4% of the loss), EMA beside raw; `legacy`: the form of an earlier version, a fixed training batch's
+    loss under the name val_loss (which the results read as a training-batch loss)."""
+    if legacy:
+        return {"val_loss": loss, "val_loss_ema": loss * 0.98}
+    return {"val_loss": loss, "val_loss_se": 0.004 * loss, "val_loss_ema": loss * 0.98,
+            "val_loss_ema_se": 0.004 * loss * 0.98,
+            "validation": {"split": split, "heldout": True, "num_images": num_images, "times": 8, "target": "mse",
+                           "estimator": "stratified-times", "seed": 20231212}}
+
+
+def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int = 500, legacy: bool = False) -> Path:
+    """Writes a sweep folder with DEMO_CELLS (off-paper sizes, digits extractor) and returns it; `legacy`: its
+    validation lines as an earlier version wrote them (a fixed training batch's loss, named val_loss)."""
     sweep = Path(root)
     sweep.mkdir(parents=True, exist_ok=True)
     ids = []
@@ -221,7 +232,7 @@ def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int 
         evals = [
             eval_record(s, fid, DEMO_BATCH, num_samples, extractor, data="digits") for s, fid in zip(DEMO_STEPS, fids)
         ]
-        metrics = [{"step": s, "images_seen": s * DEMO_BATCH, "val_loss": v}
+        metrics = [{"step": s, "images_seen": s * DEMO_BATCH, **val_line(v, legacy=legacy)}
                    for s, v in zip(DEMO_VAL_STEPS, val_losses)]
         status = {"state": "finished", "reason": None, "attempts": 1, "step": DEMO_STEPS[-1], "wall_s": 140.0}
         write_cell(sweep, cell, status, evals, metrics)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # harness's bookkeeping, never the numbers. Tests add what they vary (patch, steps, intervals, evaluation).
 TINY_CELL = [
     "model=demo-S", "model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data=digits", "data.image_size=8",
-    "train=demo", "train.global_batch=16", "train.val_batch=32", "device=cpu",
+    "train=demo", "train.global_batch=16", "train.val_batch=32", "train.val_images=32", "device=cpu",
 ]
 # A quick evaluation of the tiny cell: FID (digits extractor) from 20 samples, 5 sampler steps.
 QUICK_EVAL = ["eval=digits", "eval.num_samples=20", "eval.sampling_steps=5", "eval.batch_size=20",

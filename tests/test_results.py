@@ -5,10 +5,18 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures_results import PAPER_BATCH, PAPER_STEPS, TRAIN_STEPS, eval_record, make_paper_sweep, paper_rows
+from fixtures_results import (
+    PAPER_BATCH,
+    PAPER_STEPS,
+    TRAIN_STEPS,
+    eval_record,
+    make_demo_sweep,
+    make_paper_sweep,
+    paper_rows,
+)
 
 from harness.model.flops import train_compute_gflops
-from harness.results import comparable, comparison_step, load, load_results, main, paper_results
+from harness.results import comparable, comparison_step, load, load_results, load_validation, main, paper_results
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +97,66 @@ def test_paper_results_match_table4():
     t = paper_results()
     assert isinstance(t, pd.DataFrame) and len(t) == 17  # the 19 rows of Table 4 less the two at 512x512
     assert t[(t.model == "XL") & (t.patch == 2) & (t.cond == "in_context")].fid.item() == pytest.approx(35.24)
+
+
+# ---- what an upgrade reads: earlier validation lines, earlier extractor weights ----
+
+def test_validation_lines_of_an_earlier_version_read_as_training_batch_losses(tmp_path):
+    """Before held-out validation, "val_loss" was a fixed training batch's loss: it is never read as a validation
+    loss again, and nothing of it is lost."""
+    sweep = make_demo_sweep(tmp_path / "demo", legacy=True)
+    val = load_validation(sweep)
+    assert len(val) and val["val_loss"].isna().all() and val["train_batch_loss"].notna().all()
+    assert val["train_batch_loss_ema"].notna().all()
+    df = load_results(sweep)
+    assert df["val_loss"].isna().all() and df["train_batch_loss"].notna().all()
+    current = load_validation(make_demo_sweep(tmp_path / "demo2"))
+    assert current["val_loss"].notna().all() and (current["val_split"] == "test").all()
+    assert (current["val_images"] == 296).all() and current["val_loss_se"].notna().all()
+
+
+def test_a_loss_pairs_with_an_evaluation_at_its_own_step_only(tmp_path):
+    """An evaluation at a step without a validation line gets no loss, never an older line's."""
+    sweep = make_demo_sweep(tmp_path / "demo")
+    run = next(p for p in sweep.iterdir() if p.is_dir())
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    kept = [ln for ln in lines if ln["step"] != 2000]  # drop the line of an evaluated step
+    (run / "metrics.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in kept))
+    df = load_results(sweep)
+    rows = df[df.run_dir == str(run)].set_index("step")
+    assert np.isnan(rows.loc[2000, "val_loss"]) and rows.loc[1000, "val_loss"] == pytest.approx(
+        next(ln["val_loss"] for ln in lines if ln["step"] == 1000))
+
+
+def test_records_of_earlier_extractor_weights_are_labelled_and_never_mixed(tmp_path):
+    sweep = make_demo_sweep(tmp_path / "demo")
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    for run in runs:  # every record as an earlier version wrote it: weights trained on first use, per machine
+        for rec_path in (run / "evals").glob("step_*.json"):
+            rec = json.loads(rec_path.read_text())
+            rec.pop("extractor_weights")
+            rec["extractor_info"] = {"name": "digits-cnn", "weights_sha256": "ab" * 32}
+            rec_path.write_text(json.dumps(rec))
+    df = load_results(sweep)
+    assert not df["extractor_current"].any() and set(df["extractor_weights"]) == {"ab" * 6}
+    rows, label = comparable(df, "fid")
+    assert len(rows) == len(df) and "earlier extractor weights abababababab" in label
+    # the shipped weights measure one cell again: that cell's new records are used, the old ones left out
+    run = runs[0]
+    for rec_path in (run / "evals").glob("step_*.json"):
+        rec = json.loads(rec_path.read_text())
+        rec.update(extractor_weights="0614089547d5", settings_hash="feedbeef")
+        (run / "evals" / rec_path.name.replace(".json", "_feedbeef.json")).write_text(json.dumps(rec))
+    df = load_results(sweep)
+    rows, label = comparable(df, "fid")
+    assert rows["extractor_current"].all() and set(rows["cell_id"]) == {run.name} and "earlier" not in label
+    # two sets of earlier weights never meet in one figure or fit
+    other = runs[1]
+    for rec_path in (other / "evals").glob("step_*.json"):
+        rec = json.loads(rec_path.read_text())
+        rec["extractor_info"]["weights_sha256"] = "cd" * 32
+        rec_path.write_text(json.dumps(rec))
+    old_only = load_results(sweep)
+    old_only = old_only[~old_only["extractor_current"]]
+    with pytest.raises(ValueError, match="different weights"):
+        comparable(old_only, "fid")

@@ -18,6 +18,8 @@ three roles, so that upgrading the harness never renames a cell of a running stu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from harness.core.cli import BadInput
 
@@ -93,6 +95,9 @@ class ModelConfig:
 class DataConfig:
     name: str = identity("digits")  # a kind of harness.data.datasets.DATA_KINDS: digits, imagefolder, latents, ...
     path: str | None = identity(None)  # image folder root or latent shard folder
+    # The held-out images of a path-based kind (validation loss, metric floors). None: the kind's own held-out split,
+    # else `<path>/../val` for an image folder `<...>/train`, `<path>/val` for latent shards, when it exists.
+    val_path: str | None = runtime(None)
     image_size: int = identity(16)  # pixel resolution (digits are resized to it; ImageNet 256 or 512)
     num_classes: int = identity(10)
     channels: int = identity(1)  # pixel channels of the data set (digits 1, ImageNet 3)
@@ -128,7 +133,11 @@ class TrainConfig:
     class_dropout_prob: float = identity(0.1)
     log_every: int = runtime(100)
     val_every: int = runtime(5000)
-    val_batch: int = identity(256)  # size of the fixed validation batch (fixed images, timesteps and noise)
+    # The fixed validation batch of earlier versions (training images): part of every cell's name since the first
+    # release, so it stays, unused; the validation loss now reads val_images held-out images (harness.heldout).
+    val_batch: int = identity(256)
+    val_images: int | None = runtime(None)  # held-out images per validation; None: the split, at most 1,024
+    val_times: int = runtime(8)  # times per image, at the midpoints of equal strata of the time distribution
     ckpt_every: int = runtime(50_000)
     keep_last: int = runtime(2)  # newest checkpoints kept besides those at evaluation steps
     precision: str = identity("auto")  # auto | fp32 | bf16 (autocast; master weights fp32). auto: bf16 on CUDA
@@ -206,6 +215,82 @@ class Config:
     # Seconds to wait for a run folder held by another process (harness.core.lease). None: wait only when this
     # is a requeued SLURM job whose previous attempt may still hold it; refuse at once otherwise.
     lock_wait_s: float | None = runtime(None)
+
+
+#################################################################################
+#                        Identity: what names a cell                            #
+#################################################################################
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _named_values(node: Any, schema: type, neutral_too: bool = False) -> dict:
+    """The values of `node` (a section or the whole config) that name a cell, by their roles in `schema` (with
+    `neutral_too`, also those of added fields at their neutral value: every value that changes what is trained)."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        role = f.metadata.get(ROLE)
+        if role == NEVER:
+            continue
+        if APPLIES_IF in f.metadata:  # e.g. a muP base width does nothing to an sp cell
+            sibling, value = f.metadata[APPLIES_IF]
+            if node[sibling] != value:
+                continue
+        sub = section_schema(f.name, schema)
+        value = node[f.name]
+        if sub is not None:
+            named = _named_values(value, sub, neutral_too)
+            if named:  # a section whose fields all hold their neutral values adds nothing
+                out[f.name] = named
+            continue
+        value = _plain(value)
+        if neutral_too or role == ALWAYS or value != _plain(f.metadata.get(NEUTRAL, _field_default(f))):
+            out[f.name] = value
+    return out
+
+
+def identity(cfg: Any) -> dict:
+    """Returns the canonical dict that names a cell: the values that change the trained network."""
+    return _named_values(cfg, Config)
+
+
+def config_hash(cfg: Any) -> str:
+    """Returns the sha256 (64 hex digits) of the canonical JSON of the cell's identity."""
+    blob = json.dumps(identity(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# The axes a scaling law fits along: a cell's size, how long it trains, and its seed. Cells that differ in anything
+# else that changes what is trained (learning rate, batch, EMA, data, objective, ...) are different experiments,
+# which one law never fits together unless asked to (harness.results.alike).
+LAW_AXES = ("model.name", "model.depth", "model.hidden_size", "model.num_heads", "model.off_paper", "patch",
+            "train.steps", "seed")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def training_settings(cfg: Any) -> dict:
+    """Returns every value that changes what a cell trains, off the law's axes, as {"train.lr": 1e-4, ...}: what
+    two cells must share for one scaling law to fit them together."""
+    return {k: v for k, v in _flatten(_named_values(cfg, Config, neutral_too=True)).items() if k not in LAW_AXES}
 
 
 def register_configs() -> None:

@@ -19,8 +19,20 @@ INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's port of the TF I
 PAPER_EXTRACTOR = INCEPTION_EXTRACTOR  # the extractor whose FID is the paper's number; any other is labelled
 INCEPTION_SPATIAL_EXTRACTOR = "inception-v3-compat-spatial"  # the same network and weights, plus sFID's feature
 DINOV2_EXTRACTOR = "dinov2-vit-l-14"  # the network Stein et al. 2023 recommend; EDM2 reports FD with it
-# Extractors trained in-house on an embedded data set: their tables and figures name the data set they know.
-IN_HOUSE_EXTRACTORS = {DIGITS_EXTRACTOR: "digits"}
+# Extractors trained in-house on an embedded data set: the data set they know (which names them in tables and
+# figures) and the sha256 of the weights that ship with the package (harness.metrics.inhouse checks the file against
+# it; records and statistics are named by its first 12 digits). Here, torch-free, because the analysis labels
+# records made with other weights (an earlier version trained them on first use, per machine) by it.
+IN_HOUSE_EXTRACTORS = {
+    DIGITS_EXTRACTOR: ("digits", "0614089547d5f8cc09bc564a23f80088d580d5b994cf8fcae7d6339ceb9f3e7a"),
+}
+
+
+def weights_id(extractor: str) -> str | None:
+    """Returns the first 12 hex digits of an in-house extractor's shipped weights hash (what names its records and
+    statistics); None for an extractor whose weights come pinned from elsewhere (Inception's URL carries its own)."""
+    entry = IN_HOUSE_EXTRACTORS.get(extractor)
+    return entry[1][:12] if entry else None
 
 # ---- metrics ----
 METRICS = ("fid", "isc", "kid", "prc", "sfid", "fd_dinov2")  # what eval.metrics may ask for
@@ -37,6 +49,8 @@ NAMES = {
     "isc_mean": "Inception Score", "isc_std": "IS std", "kid_mean": "KID", "kid_std": "KID std",
     "precision": "Precision", "recall": "Recall",
     "val_loss": "validation loss", "val_loss_ema": "validation loss (EMA)", "train_loss": "training loss",
+    "val_vb": "validation VB term", "val_vb_ema": "validation VB term (EMA)",
+    "train_batch_loss": "fixed training-batch loss", "train_batch_loss_ema": "fixed training-batch loss (EMA)",
 }
 ISC_LAYER = "logits_unbiased"  # the layer torch-fidelity's Inception Score reads
 SPATIAL_FEATURE = "spatial"  # the name of sFID's feature map in an extractor that provides one
@@ -76,7 +90,7 @@ def metric_label(metric: str, num_samples: float | None = None, extractor: str |
         return name if extractor == DINOV2_EXTRACTOR or not extractor.startswith("dinov2") else f"{name} ({extractor})"
     if extractor in (INCEPTION_EXTRACTOR, INCEPTION_SPATIAL_EXTRACTOR):
         return name
-    return f"{name} ({IN_HOUSE_EXTRACTORS.get(extractor, extractor)} extractor)"
+    return f"{name} ({IN_HOUSE_EXTRACTORS[extractor][0] if extractor in IN_HOUSE_EXTRACTORS else extractor} extractor)"
 
 
 _CLIP = ("clip",)

@@ -37,20 +37,23 @@ class DataKind:
     sizes: tuple[int, ...] | None = None  # allowed image sizes (None: any multiple of `size_multiple`)
     size_multiple: int = 1
     precomputed: bool = False  # latents read from shards, whose meta.json knows their shape
+    # The split the validation loss is measured on (images never trained on); None: the kind has none of its own,
+    # and `data.val_path` may name one (an image folder's val/, a latent folder's val/ written by precompute).
+    heldout: str | None = None
 
 
 DIGITS_SIZE_MULTIPLE = 8  # digits are 8x8; resize to a multiple so every DiT patch size (2, 4, 8) divides it
 IMAGE_FOLDER_SIZES = (256, 512)  # the paper's resolutions
 DATA_KINDS = {k.name: k for k in (
     DataKind("digits", latent=False, vae_codec=False, encode_every_step=False, needs_path=False, splits=SPLITS,
-             extractor=DIGITS_EXTRACTOR, reference=True, size_multiple=DIGITS_SIZE_MULTIPLE),
+             extractor=DIGITS_EXTRACTOR, reference=True, size_multiple=DIGITS_SIZE_MULTIPLE, heldout="test"),
     DataKind("imagefolder", latent=True, vae_codec=True, encode_every_step=True, needs_path=True,
              splits=("train",), extractor=INCEPTION_EXTRACTOR, reference=True, sizes=IMAGE_FOLDER_SIZES),
     DataKind("latents", latent=True, vae_codec=True, encode_every_step=False, needs_path=True,
              splits=("train",), extractor=INCEPTION_EXTRACTOR, reference=False, precomputed=True),
     # Fixed random latent-shaped tensors, for benchmarks: already in the model's space (no VAE needed).
     DataKind("synthetic", latent=True, vae_codec=False, encode_every_step=False, needs_path=False,
-             splits=SPLITS, extractor=INCEPTION_EXTRACTOR, reference=False),
+             splits=SPLITS, extractor=INCEPTION_EXTRACTOR, reference=False, heldout="test"),
 )}
 DATASETS = tuple(DATA_KINDS)
 
@@ -73,6 +76,7 @@ SYNTHETIC_SEEDS = {"train": 0, "test": 1}
 
 # Latent shard format, written by harness.data.precompute, read by LatentShardDataset.
 META_FILE = "meta.json"
+HELDOUT_LATENT_DIR = "val"  # a latent folder's held-out shard set (from the validation images), a shard folder too
 SHARD_FORMAT = 1
 # moments[n, flip, k] is the posterior mean (k=0) or std (k=1) of image n (flip=0) or of its mirror (flip=1).
 MOMENTS_LAYOUT = "N,flip,{mean,std},C,h,w"
@@ -166,6 +170,11 @@ class _Dataset:
 
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Returns x: no per-step randomness."""
+        return x
+
+    def fixed(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Returns what the model sees of stored items x without augmentation (no flip), any sampling drawn from
+        `generator`: the fixed view the validation loss is measured on."""
         return x
 
 
@@ -377,6 +386,13 @@ class LatentShardDataset(_Dataset):
         noise = torch.randn(m[:, 0].shape, generator=generator).to(x.device)
         return torch.addcmul(m[:, 0], m[:, 1], noise).mul_(LATENT_SCALE)
 
+    def fixed(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Returns scaled latents (N, C, h, w) of the unflipped images: (mean + std * noise) * scale, noise from
+        `generator` (a posterior sample, as training sees, but the same one every time)."""
+        m = x[:, 0]  # (N, 2, C, h, w): flip 0
+        noise = torch.randn(m[:, 0].shape, generator=generator).to(x.device)
+        return torch.addcmul(m[:, 0], m[:, 1], noise).mul_(LATENT_SCALE)
+
     def describe(self) -> dict:
         """Returns JSON-able facts: name, path, count, resolution, vae, latent shape, shard checksum."""
         h = hashlib.sha256("".join(s["sha256"] + s["labels_sha256"] for s in self.meta["shards"]).encode())
@@ -482,6 +498,13 @@ def validate_data(data_cfg) -> list[str]:
             return problems + [str(e)]
         if kind.sizes is None and size % downsample:
             problems.append(f"{name} image_size {size} is not a multiple of VAE downsample {downsample}")
+    val_path = getattr(data_cfg, "val_path", None)
+    if not _missing(val_path):
+        if kind.heldout is not None:
+            problems.append(f"data.val_path={val_path!r}: {name} has its own held-out split ({kind.heldout!r}); "
+                            "val_path names the held-out folder of an image folder or of latent shards")
+        elif not os.path.isdir(str(val_path)):
+            problems.append(f"data.val_path={val_path!r} does not exist (the held-out images of {name})")
     if kind.needs_path:
         path = data_cfg.path
         if _missing(path):
@@ -513,6 +536,42 @@ def build_dataset(data_cfg, split: str = "train"):
     if kind.name == "imagefolder":
         return ImageFolderDataset(data_cfg.path, data_cfg.image_size)
     return LatentShardDataset(data_cfg.path, vae=_vae(data_cfg), resolution=data_cfg.image_size)
+
+
+def heldout_path(data_cfg) -> str | None:
+    """Returns the folder of a path-based kind's held-out images: data.val_path, else the conventional one beside
+    the training data (an image folder `.../train` -> `.../val`, ImageNet's layout; a latent folder -> its `val/`,
+    where harness.data.precompute --val-src writes) when it exists; None when there is none."""
+    if not _missing(getattr(data_cfg, "val_path", None)):
+        return str(data_cfg.val_path)
+    kind = data_kind(data_cfg.name)
+    if not kind.needs_path or _missing(data_cfg.path):
+        return None
+    path = os.path.normpath(str(data_cfg.path))
+    candidate = (os.path.join(path, HELDOUT_LATENT_DIR) if kind.precomputed
+                 else os.path.join(os.path.dirname(path), "val") if os.path.basename(path) == "train" else None)
+    return candidate if candidate is not None and os.path.isdir(candidate) else None
+
+
+def heldout_dataset(data_cfg):
+    """Returns (data set, split name) of the images the validation loss is measured on, never trained on: the kind's
+    own held-out split, or the folder `heldout_path` finds; None when the data set has none (its loss is then a
+    fixed training-batch loss, labelled so: docs/scaling.md)."""
+    kind = data_kind(data_cfg.name)
+    if kind.heldout is not None:
+        return build_dataset(data_cfg, kind.heldout), kind.heldout
+    path = heldout_path(data_cfg)
+    if path is None:
+        return None
+    if kind.name == "imagefolder":
+        return ImageFolderDataset(path, data_cfg.image_size), "val"
+    return LatentShardDataset(path, vae=_vae(data_cfg), resolution=data_cfg.image_size), "val"
+
+
+def unique_images(dataset) -> int | None:
+    """Returns how many distinct training images a data set holds (None: an unlimited stream that never repeats):
+    what an epoch is counted against."""
+    return getattr(dataset, "unique_images", len(dataset))
 
 
 def model_input_shape(data_cfg) -> tuple[int, int]:

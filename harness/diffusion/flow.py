@@ -145,6 +145,18 @@ class RectifiedFlow:
             t = torch.sigmoid(self.logit_normal_loc + self.logit_normal_scale * u)
         return t.to(device) if device is not None else t
 
+    def stratified_t(self, k: int, device=None) -> torch.Tensor:
+        """Returns k times (float32) at the midpoints of k equal-probability strata of the training density: its
+        quantiles at (j + 1/2) / k, j = 0..k-1 (uniform: the midpoints themselves; logit-normal: sigmoid of the
+        normal quantiles). A loss averaged over them estimates the training loss's expectation over t with no
+        sampling noise in t (SD3 reports its validation loss at such times)."""
+        if k < 1:
+            raise ValueError(f"k must be a positive number of times, got {k}")
+        q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+        if self.time_sampling == "logit_normal":
+            q = torch.sigmoid(self.logit_normal_loc + self.logit_normal_scale * torch.special.ndtri(q))
+        return q.to(torch.float32).to(device)
+
     def training_losses(self, model_fn, x_start, t, model_kwargs=None, noise=None) -> dict:
         """Returns the per-sample flow-matching loss terms {"loss", "mse"}, each of shape (N,).
 

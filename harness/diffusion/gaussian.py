@@ -120,6 +120,15 @@ class GaussianDiffusion:
         """Returns n training timesteps drawn uniformly from 0..num_timesteps-1 with `generator` (int64)."""
         return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
 
+    def stratified_t(self, k: int, device=None) -> torch.Tensor:
+        """Returns k timesteps (int64) at the midpoints of k equal strata of the training distribution (uniform over
+        0..num_timesteps-1): floor((j + 1/2) T / k), j = 0..k-1. A loss averaged over them estimates the training
+        loss's expectation over t with no sampling noise in t (SD3 reports its validation loss at such times)."""
+        if k < 1:
+            raise ValueError(f"k must be a positive number of times, got {k}")
+        j = torch.arange(k, dtype=torch.float64)
+        return torch.floor((j + 0.5) * self.num_timesteps / k).to(torch.int64).to(device)
+
     # ----- the forward process q -----
 
     def q_mean_variance(self, x_start, t):

@@ -34,7 +34,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from harness.core import cli
 from harness.core.runfolder import atomic_write_bytes
-from harness.core.vocabulary import DIGITS_EXTRACTOR, SPATIAL_FEATURE
+from harness.core.vocabulary import DIGITS_EXTRACTOR, IN_HOUSE_EXTRACTORS, SPATIAL_FEATURE
 from harness.data import datasets
 from harness.data.datasets import to_uint8_rgb
 from harness.metrics.frechet import spatial_feature
@@ -69,7 +69,12 @@ class Spec:
     num_classes: int
     images: Callable[[str, int], tuple[np.ndarray, np.ndarray]]  # (split, size) -> (uint8 N x H x W x 3, labels)
     recipe: tuple  # ((key, value), ...): epochs, batch, lr, seed of the deterministic training
-    weights_sha256: str  # of the state dict (names, shapes, bytes): what `train` printed when the file was made
+
+    @property
+    def weights_sha256(self) -> str:
+        """The pinned sha256 of the shipped state dict (names, shapes, bytes): what `train` printed when the file
+        was made, written in harness.core.vocabulary.IN_HOUSE_EXTRACTORS."""
+        return IN_HOUSE_EXTRACTORS[self.name][1]
 
     @property
     def weights_path(self) -> Path:
@@ -78,8 +83,7 @@ class Spec:
 
 SPECS = {s.name: s for s in (
     Spec(DIGITS_EXTRACTOR, data="digits", in_channels=1, size=16, num_classes=10, images=_digits_images,
-         recipe=(("epochs", 10), ("batch", 64), ("lr", 1e-2), ("seed", 0)),
-         weights_sha256="0614089547d5f8cc09bc564a23f80088d580d5b994cf8fcae7d6339ceb9f3e7a"),
+         recipe=(("epochs", 10), ("batch", 64), ("lr", 1e-2), ("seed", 0))),
 )}
 
 
@@ -241,7 +245,7 @@ def _load_checked(s: Spec) -> dict:
     if not s.weights_path.is_file():
         raise cli.MissingWeights(f"the {s.name} weights are missing: {s.weights_path} ships with the harness "
                                  f"(reinstall it, or rebuild the file with python -m harness.metrics.inhouse train "
-                                 f"{s.name} and pin the hash it prints in harness.metrics.inhouse.SPECS)")
+                                 f"{s.name} and pin the hash it prints in harness.core.vocabulary.IN_HOUSE_EXTRACTORS)")
     ckpt = torch.load(s.weights_path, map_location="cpu", weights_only=True)
     got = state_sha256(ckpt["model"])
     if got != s.weights_sha256:
@@ -267,12 +271,6 @@ def extractor_info(name: str) -> dict:
                        "weights_path": str(s.weights_path), "num_train": int(ckpt["num_train"]),
                        "num_heldout": int(ckpt["num_heldout"])}
     return dict(_INFO[name])
-
-
-def weights_id(extractor: str) -> str | None:
-    """Returns the first 12 hex digits of an in-house extractor's pinned weights hash (what names its records and
-    statistics), None for an extractor whose weights come pinned from elsewhere (Inception's URL carries its own)."""
-    return SPECS[extractor].weights_sha256[:12] if extractor in SPECS else None
 
 
 def write_weights(s: Spec, out_dir: Path = WEIGHTS_DIR) -> tuple[Path, dict]:
