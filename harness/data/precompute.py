@@ -1,7 +1,10 @@
 """Encode an image folder into SD-VAE latent shards once, so training never runs the VAE.
 
     python -m harness.data.precompute --src IMAGENET/train --out SHARDS --resolution 256 \
-        --vae stabilityai/sd-vae-ft-ema [--shard-size 1024] [--batch-size 32] [--device cuda]
+        --vae stabilityai/sd-vae-ft-ema [--val-src IMAGENET/val] [--shard-size 1024] [--batch-size 32] [--device cuda]
+
+--val-src encodes the held-out images (ImageNet's validation set) into SHARDS/val/, a shard folder of its own,
+which training finds as the held-out split its validation loss is measured on (harness.heldout).
 
 Each shard keeps the posterior mean and std of every image and of its mirror image (see data.MOMENTS_LAYOUT),
 so training still draws a fresh latent sample and a random flip every step, as the paper did.
@@ -24,7 +27,14 @@ from harness.core import cli
 from harness.core.distributed import launch_env
 from harness.core.runfolder import atomic_open, atomic_write_bytes, file_sha256
 from harness.data.codec import VAECodec, encoder_id
-from harness.data.datasets import META_FILE, MOMENTS_LAYOUT, SHARD_FORMAT, ImageFolderDataset, shard_names
+from harness.data.datasets import (
+    HELDOUT_LATENT_DIR,
+    META_FILE,
+    MOMENTS_LAYOUT,
+    SHARD_FORMAT,
+    ImageFolderDataset,
+    shard_names,
+)
 
 STORE_DTYPES = ("float32", "float16")
 # Test hook: after this many shards are written, stop inside the next one and wait to be killed, so a test
@@ -148,6 +158,7 @@ def main(argv=None) -> None:
     p = cli.ArgumentParser(prog="python -m harness.data.precompute", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="image folder: SRC/<class>/<image>")
     p.add_argument("--out", required=True, help="shard folder (created; resumable)")
+    p.add_argument("--val-src", default=None, help="held-out image folder (ImageNet's val/): written to OUT/val/")
     p.add_argument("--resolution", type=int, default=256, help="pixels; ADM centre crop")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id or local folder")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard")
@@ -163,15 +174,21 @@ def main(argv=None) -> None:
             p.error(f"argument {flag}: {value}; allowed: an integer >= {least}")
     if not os.path.isdir(args.src):
         p.error(f"argument --src: {args.src} is not a folder; allowed: an image folder SRC/<class>/<image>")
+    if args.val_src is not None and not os.path.isdir(args.val_src):
+        p.error(f"argument --val-src: {args.val_src} is not a folder; allowed: an image folder VAL/<class>/<image>")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"argument --out: {args.out} is a file; allowed: a folder (created when missing)")
-    meta = precompute(args.src, args.out, args.resolution, args.vae, shard_size=args.shard_size,
-                      batch_size=args.batch_size, device=args.device, store_dtype=args.dtype,
-                      num_workers=args.num_workers)
-    if meta is not None:
-        print(f"{meta['count']} images in {len(meta['shards'])} shards: {os.path.join(args.out, META_FILE)}")
-    else:
-        print("this process is done; meta.json is written by the last process to finish")
+    sets = [(args.src, args.out)]
+    if args.val_src is not None:
+        sets.append((args.val_src, os.path.join(args.out, HELDOUT_LATENT_DIR)))
+    for src, out in sets:
+        meta = precompute(src, out, args.resolution, args.vae, shard_size=args.shard_size,
+                          batch_size=args.batch_size, device=args.device, store_dtype=args.dtype,
+                          num_workers=args.num_workers)
+        if meta is not None:
+            print(f"{meta['count']} images in {len(meta['shards'])} shards: {os.path.join(out, META_FILE)}")
+        else:
+            print(f"{out}: this process is done; meta.json is written by the last process to finish")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from harness.data.datasets import (
     ImageFolderDataset,
     LatentShardDataset,
     build_dataset,
+    heldout_dataset,
     model_input_shape,
     shard_names,
     validate_data,
@@ -173,3 +174,19 @@ def test_two_processes_split_the_shards(src_vae, tmp_path, monkeypatch):
     meta = precompute.precompute(src, out, RES, vae, rank=0, world_size=2, **kw)  # last one writes meta
     assert meta["count"] == 12 and [s["count"] for s in meta["shards"]] == [4, 4, 4]
     assert LatentShardDataset(out, vae=vae, resolution=RES).describe()["count"] == 12
+
+
+def test_the_held_out_images_become_the_latent_folders_val_split(src_vae, tmp_path):
+    """--val-src writes OUT/val/, a shard folder of its own, which training finds as its held-out split; the fixed
+    view a validation reads is the unflipped image's posterior mean plus std times noise from the given generator."""
+    src, vae = src_vae
+    out = tmp_path / "shards"
+    precompute.main(args(src, vae, str(out), "--val-src", src))
+    cfg = latents_cfg(str(out), vae, val_path=None)
+    found, split = heldout_dataset(cfg)
+    assert split == "val" and found.path == str(out / "val") and len(found) == 12
+    x, _ = found.get_batch(torch.arange(3))
+    fixed = found.fixed(x, torch.Generator().manual_seed(5))
+    noise = torch.randn(fixed.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(fixed, (x[:, 0, 0] + x[:, 0, 1] * noise) * LATENT_SCALE)
+    assert heldout_dataset(latents_cfg(str(out / "val"), vae, val_path=None)) is None  # no val/ inside val/
