@@ -210,12 +210,16 @@ def _evaluate(cfg, step: int, run_dir: Path, env, record_path: Path, existing: d
         with np.load(npz) as f:
             samples = f["arr_0"]
         reference, split = reference_set(cfg)
+        device = "cuda" if env.device.type == "cuda" else "cpu"
         m = fidelity.compute_metrics(
             samples, reference, extractor=extractor, data_name=cfg.data.name, split=split, metrics=tuple(todo),
-            device="cuda" if env.device.type == "cuda" else "cpu", dinov2_model=cfg.eval.dinov2_model,
+            device=device, dinov2_model=cfg.eval.dinov2_model,
         )
+        floor = metric_floor_for(cfg, reference, split, len(samples), todo, device)
         wall_s = time.perf_counter() - t0
-        record = _merge(existing, _new_record(cfg, step, run_dir, npz, samples, m, todo, wall_s, env), todo)
+        new = _new_record(cfg, step, run_dir, npz, samples, m, todo, wall_s, env)
+        new["floor"] = floor
+        record = _merge(existing, new, todo)
         atomic_write_json(record_path, record)
         if cfg.eval.save_png:
             save_pngs(npz, samples_dir / "png", limit=64)
@@ -258,6 +262,10 @@ def _merge(existing: dict | None, new: dict, added: list[str]) -> dict:
     out["metrics_requested"] = requested_metrics(existing) + [m for m in added if m not in requested_metrics(existing)]
     out["feature_spaces"] = {**new.get("feature_spaces", {}), **existing.get("feature_spaces", {})}
     out["warnings"] = list(existing.get("warnings", [])) + list(new.get("warnings", []))
+    if new.get("floor") is not None:  # the floors of the added metrics beside those the record had
+        floor = dict(existing.get("floor") or new["floor"])
+        floor["values"] = {**new["floor"]["values"], **(existing.get("floor") or {}).get("values", {})}
+        out["floor"] = floor
     out["completed"] = list(existing.get("completed", [])) + [{"metrics": added, "wall_s": new["wall_s"],
                                                                 "versions": new["versions"]}]
     return out
@@ -298,6 +306,29 @@ def validate_step(cfg: Any, step: int, run_dir: Path, env) -> dict | None:
     if env.is_main:
         append_jsonl(Path(run_dir) / "metrics.jsonl", line)
     return line
+
+
+def metric_floor_for(cfg: Any, reference: np.ndarray, split: str, num_samples: int, metrics,
+                     device: str) -> dict | None:
+    """Returns the floor of these metrics at this sample count (harness.metrics.floors: what as many real images
+    get against the same reference), computed once and cached; None when the data set has no real images beside the
+    reference, or none of the metrics has a floor (the record then says "floor": null)."""
+    from harness.metrics import floors, references  # see _evaluate
+
+    if not floors.floor_metrics(metrics):
+        return None
+    found = references.floor_images(cfg.data, split)
+    if found is None:
+        log.warning("%s: no real images beside the reference set: the metrics' floor is not measured", cfg.data.name)
+        return None
+    real, real_split = found
+    try:
+        return floors.metric_floor(real, reference, num_samples, extractor=extractor_for(cfg),
+                                   data_name=cfg.data.name, split=split, metrics=metrics, real_split=real_split,
+                                   device=device, batch_size=cfg.eval.batch_size)
+    except ValueError as e:  # too few real images to extrapolate from: said in the log and the record
+        log.warning("%s: the metrics' floor is not measured: %s", cfg.data.name, e)
+        return {"num_samples": num_samples, "values": {}, "method": f"not measured: {e}"}
 
 
 def reference_set(cfg: Any) -> tuple[np.ndarray, str]:

@@ -112,8 +112,11 @@ COLUMNS = (
     "extractor_current",
     "settings_key",
     "settings",
+    *(f"{k}_floor{s}" for k in ("fid", "sfid", "precision", "recall") for s in ("", "_spread")),
     "run_dir",
 )
+# The metrics whose floor a record carries, as columns `<metric>_floor` and `<metric>_floor_spread`.
+FLOOR_KEYS = ("fid", "sfid", "kid_mean", "precision", "recall", "fd_dinov2")
 
 
 def _read_json(path: Path) -> dict:
@@ -250,6 +253,10 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
             row["guided"] = bool((ev.get("cfg_scale") or 1.0) > 1.0)
         row["eval_wall_s"] = ev.get("wall_s", np.nan)
         row["eval_gpu_hours"] = ev.get("gpu_hours", np.nan)
+        floor = (ev.get("floor") or {}).get("values") or {}
+        for k in FLOOR_KEYS:  # what as many real images get against the same reference (harness.metrics.floors)
+            row[f"{k}_floor"] = floor.get(k, {}).get("mean", np.nan)
+            row[f"{k}_floor_spread"] = floor.get(k, {}).get("spread", np.nan)
         row["extractor_weights"] = _extractor_weights(ev)
         row["extractor_current"] = weights_id(row["extractor"]) in (None, row["extractor_weights"])
         unique = ev.get("unique_train_images") or unique

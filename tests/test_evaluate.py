@@ -22,7 +22,9 @@ from helpers import TINY_CELL, one_thread_env
 from harness import evaluate
 from harness.core import checkpoint
 from harness.core.config import EvalConfig, compose
+from harness.core.runfolder import read_jsonl
 from harness.core.vocabulary import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR
+from harness.metrics import inception
 from harness.model import dit
 from harness.results import comparable, load_results
 
@@ -37,7 +39,8 @@ QUICK = ["eval.num_samples=8", "eval.sampling_steps=5", "eval.shard_size=8", "ev
 # docs/run_folder.md, evals/step_N.json
 SCHEMA_KEYS = {"step", "images_seen", "metrics", "num_samples", "preset", "sampler", "sampling_steps",
                "cfg_scale", "cfg_channels", "label_sampling", "weights", "extractor", "reference_stats_id",
-               "data", "seed", "versions", "wall_s", "gpu_hours", "warnings"}
+               "data", "seed", "versions", "wall_s", "gpu_hours", "warnings", "extractor_weights", "epochs",
+               "unique_train_images", "floor"}
 METRIC_KEYS = {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall"}
 SHARD_LINE = re.compile(r"shard (\d+) \[\d+, \d+\) (kept|sampled)")
 
@@ -99,6 +102,37 @@ def test_train_evaluate_round_trip_record_has_every_schema_field(trained, straig
     arr = straight["samples"]["arr_0"]
     assert arr.shape == (48, 8, 8, 3) and arr.dtype == np.uint8
     assert f"step {STEPS}: " in straight["stdout"] and "fid=" in straight["stdout"]
+    # the extractor's shipped weights, the epochs the checkpoint is at, the floor of each metric at 48 samples
+    assert rec["extractor_weights"] == rec["extractor_info"]["weights_sha256"][:12] == "0614089547d5"
+    assert rec["epochs"] == pytest.approx(STEPS * 16 / 1501) and rec["unique_train_images"] == 1501
+    floor = rec["floor"]
+    assert floor["num_samples"] == 48 and floor["method"] == "disjoint draws" and floor["real_split"] == "train"
+    assert set(floor["values"]) == METRIC_KEYS - {"isc_mean", "isc_std", "kid_std"}
+    assert 0 < floor["values"]["fid"]["mean"] < rec["metrics"]["fid"]  # real images beat a 4-step model
+
+
+def test_the_evaluated_step_has_its_validation_loss(trained, straight):
+    """The trainer validated at STEPS (an evaluation step); the record pairs with that line, never an older one."""
+    lines = [r for r in read_jsonl(trained / "metrics.jsonl") if "validation" in r]
+    assert [r["step"] for r in lines] == [STEPS] and lines[0]["validation"]["heldout"]
+
+
+def test_a_kept_checkpoint_gets_its_validation_loss_from_the_evaluate_command(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "run")
+    lines = read_jsonl(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines if "validation" not in r))
+    r = subprocess.run([sys.executable, "-m", "harness.evaluate", f"run_dir={run}", "step=all", "validation=only"],
+                       env=one_thread_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = {v["step"]: v for v in read_jsonl(run / "metrics.jsonl") if "validation" in v}
+    assert sorted(got) == [2, STEPS] and all(v["source"] == "evaluate" for v in got.values())
+    # the same estimator as the trainer's: the same number at STEPS, from the same checkpoint
+    trainer_line = next(v for v in lines if "validation" in v)
+    assert got[STEPS]["val_loss_ema"] == pytest.approx(trainer_line["val_loss_ema"], rel=1e-5)
+    assert "val_loss=" in r.stdout and "(test split, 32 images)" in r.stdout
+    again = subprocess.run([sys.executable, "-m", "harness.evaluate", f"run_dir={run}", "step=all",
+                            "validation=only"], env=one_thread_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "has its validation loss already" in again.stdout
 
 
 def test_killed_evaluation_resumes_without_redoing_finished_shards(trained, straight, tmp_path,
@@ -178,9 +212,9 @@ def test_bad_input_gets_a_clear_message_and_writes_nothing(trained, tmp_path, mo
         raise URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torch.hub, "urlopen", offline)  # the network, not the code under test
-    inception = evaluate.load_run_config(run, [*QUICK, f"eval.extractor={INCEPTION_EXTRACTOR}"])
+    with_inception = evaluate.load_run_config(run, [*QUICK, f"eval.extractor={INCEPTION_EXTRACTOR}"])
     with pytest.raises(inception.MissingWeightsError) as err:
-        evaluate.evaluate(inception, STEPS, run)
+        evaluate.evaluate(with_inception, STEPS, run)
     assert str(inception.inception_weights_path()) in str(err.value)
     assert str(tmp_path / "torch_home") in str(err.value)
 

@@ -64,7 +64,27 @@ def reference_images(data_cfg, split: str = "test", max_images: int | None = Non
     if data_cfg.name not in ("digits", "imagefolder"):
         raise ValueError(f"no reference images for data={data_cfg.name!r}: allowed 'digits', 'imagefolder' "
                          "(pass synthetic references to compute_metrics directly)")
-    ds = datasets.build_dataset(data_cfg, split)
+    return _uint8_images(datasets.build_dataset(data_cfg, split), data_cfg, max_images)
+
+
+def floor_images(data_cfg, reference_split: str, max_images: int | None = None) -> tuple[np.ndarray, str] | None:
+    """Return (real images other than the reference set, as uint8 (N, H, W, 3), their split): what a metric's
+    floor is measured with (the metric of real images against the reference statistics). digits: the split that
+    is not the reference; an image folder whose reference is its training set: its held-out folder (val/). None
+    when the data set has no such images (latent shards, a reference batch from elsewhere)."""
+    if data_cfg.name == "digits":
+        split = "train" if reference_split == "test" else "test"
+        return _uint8_images(datasets.build_dataset(data_cfg, split), data_cfg, max_images), split
+    if data_cfg.name == "imagefolder":  # its training set (ADM's reference) or a reference batch made from it
+        found = datasets.heldout_dataset(data_cfg)
+        if found is None:
+            return None
+        return _uint8_images(found[0], data_cfg, max_images), found[1]
+    return None
+
+
+def _uint8_images(ds, data_cfg, max_images: int | None) -> np.ndarray:
+    """Return a data set's images as uint8 (N, H, W, 3), a fixed seeded subset of max_images in data set order."""
     keep = np.arange(len(ds))
     if max_images is not None and len(ds) > max_images:
         keep = np.sort(np.random.default_rng(0).choice(len(ds), max_images, replace=False))
