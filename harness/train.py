@@ -112,16 +112,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class DataOrder:
-    """Global sample order, epoch by epoch; `next_indices` takes one global batch. State: (epoch, pos)."""
+    """Global sample order, epoch by epoch; `next_indices` takes one global batch. State: (epoch, pos).
 
-    def __init__(self, n: int, seed: int, global_batch: int, epoch: int = 0, pos: int = 0):
-        if n < global_batch:
+    n=None is a stream that never repeats (a procedural data set): batch k holds items k*B .. k*B + B - 1, the
+    epoch stays 0, and no item is ever seen twice."""
+
+    def __init__(self, n: int | None, seed: int, global_batch: int, epoch: int = 0, pos: int = 0):
+        if n is not None and n < global_batch:
             raise ValueError(f"the data set has {n} items, fewer than the global batch {global_batch}")
         self.n, self.seed, self.global_batch = n, seed, global_batch
         self.epoch, self.pos = epoch, pos
-        self._perm = epoch_order(n, seed, epoch)
+        self._perm = epoch_order(n, seed, epoch) if n is not None else None
 
     def next_indices(self) -> torch.Tensor:
+        if self.n is None:
+            idx = torch.arange(self.pos, self.pos + self.global_batch, dtype=torch.int64)
+            self.pos += self.global_batch
+            return idx
         if self.pos + self.global_batch > self.n:  # drop the ragged tail, as drop_last does
             self.epoch, self.pos = self.epoch + 1, 0
             self._perm = epoch_order(self.n, self.seed, self.epoch)
@@ -333,7 +340,7 @@ def train(cfg: Any) -> dict:
         model = build_model(cfg).to(env.device)
         stepper = make_stepper(model, objective, cfg.train, env.device, world_size=env.world_size, micro=micro,
                                accum=accum, codec=codec)
-        progress, order = _resume(cfg, env, run_dir, stepper, len(dataset))  # marks the cell running
+        progress, order = _resume(cfg, env, run_dir, stepper, unique_images(dataset))  # marks the cell running
         try:
             if progress.step >= cfg.train.steps:
                 return _finish(cfg, env, run_dir, progress, note="already trained")
@@ -466,7 +473,7 @@ def _record_failure(run_dir: Path, step: int, e: BaseException) -> None:
         log.error("could not record the failure of %s in its status.json (%s): %s", run_dir, write_error, reason)
 
 
-def _resume(cfg, env, run_dir: Path, s: Stepper, n_items: int) -> tuple[Progress, DataOrder]:
+def _resume(cfg, env, run_dir: Path, s: Stepper, n_items: int | None) -> tuple[Progress, DataOrder]:
     """Loads the newest usable checkpoint into the stepper; returns where training stands. Marks the run
     started in status.json (rank 0). Refuses to train again from step 0 a cell whose log shows it trained
     further, unless train.restart is set (then the restart is marked and the old results set aside)."""

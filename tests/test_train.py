@@ -16,7 +16,7 @@ from helpers import TINY_CELL, one_thread_env, wait_for_file
 from harness.cell import build_model, load_run_config
 from harness.core import checkpoint
 from harness.core.runfolder import read_json, read_jsonl
-from harness.train import batch_plan
+from harness.train import DataOrder, batch_plan
 
 TINY = [*TINY_CELL, "patch=4", "train.log_every=2", "train.val_every=10", "train.keep_last=100", "eval=digits"]
 
@@ -231,3 +231,14 @@ def test_an_s_size_cell_learns_on_the_digits_default(tmp_path):
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
     assert len(vals) == 2 and vals[-1] < vals[0], vals
     assert losses[-1] < losses[0], losses
+
+
+def test_a_stream_that_never_repeats_hands_out_consecutive_items_and_resumes_in_place():
+    order = DataOrder(None, seed=3, global_batch=4)
+    first = [order.next_indices().tolist() for _ in range(3)]
+    assert first == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]] and order.state() == {"epoch": 0, "pos": 12}
+    resumed = DataOrder(None, seed=3, global_batch=4, **order.state())
+    assert resumed.next_indices().tolist() == [12, 13, 14, 15]
+    finite = DataOrder(10, seed=3, global_batch=4)
+    seen = [i for _ in range(5) for i in finite.next_indices().tolist()]
+    assert len(set(seen[:8])) == 8 and finite.epoch >= 1  # a finite set repeats after an epoch
