@@ -373,6 +373,10 @@ def _fmt_value(v: dict | None, fmt: str = ".3g") -> str:
     """Returns a summary value {"value", "low", "high"} as "value [low, high]" ("not determined" for None)."""
     if v is None:
         return "not determined"
+    if v.get("at_floor"):
+        floor = v["floor"]
+        return (f"at the floor (real images: {floor['value']:{fmt}} +- {floor['spread']:.2g}; "
+                f"predicted {v['value']:{fmt}})")
     lo, hi = v["low"], v["high"]
     ci = "" if not (math.isfinite(lo) and math.isfinite(hi)) else f" [{lo:{fmt}}, {hi:{fmt}}]"
     return f"{v['value']:{fmt}}{ci}"

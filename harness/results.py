@@ -502,6 +502,58 @@ def _current_extractor(rows: pd.DataFrame, metric: str, allow_mixed: bool) -> tu
     return rows, ""
 
 
+def differing_settings(rows: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Returns {setting: {value: number of cells}} for every training setting off the law's axes (the `settings`
+    column, harness.core.config.training_settings) on which the rows' cells disagree; {} when they all agree. A
+    table without the column (hand-made) is compared by the facts every results table has (SETTING_FACTS)."""
+    if rows.empty:
+        return {}
+    per_cell = rows.drop_duplicates("cell_id") if "cell_id" in rows else rows
+    if "settings" in per_cell and per_cell["settings"].notna().all():
+        settings = [json.loads(s) for s in per_cell["settings"]]
+    else:
+        cols = [c for c in SETTING_FACTS if c in per_cell]
+        settings = [{c: (None if pd.isna(v) else v) for c, v in zip(cols, vals)}
+                    for vals in per_cell[cols].itertuples(index=False)]
+    keys = sorted({k for s in settings for k in s})
+    out = {}
+    for k in keys:
+        counts: dict[str, int] = {}
+        for s in settings:
+            v = json.dumps(s.get(k), default=str)
+            counts[v] = counts.get(v, 0) + 1
+        if len(counts) > 1:
+            out[k] = counts
+    return out
+
+
+def alike(rows: pd.DataFrame, what: str, allow_mixed: bool = False) -> None:
+    """Raises a ValueError naming each training setting (and its values) on which the rows' cells differ, unless
+    `allow_mixed`: one law fits cells that differ only along its axes (size, images seen, seed). A sweep over
+    learning rates, batches or EMA decays is several experiments; the ways out are a selection, `allow_mixed`, or
+    `envelope` (the best cell at each size and duration, as compute-optimal studies tune the rate per size)."""
+    if allow_mixed:
+        return
+    differ = differing_settings(rows)
+    if differ:
+        named = "; ".join(f"{k}: " + ", ".join(f"{v} ({n} cells)" for v, n in sorted(vals.items()))
+                          for k, vals in differ.items())
+        raise ValueError(f"refusing to fit one {what} to cells that differ in {named}; a law's axes are size, "
+                         "images seen and seed. Select one setting, pass allow_mixed=True, or fit the envelope "
+                         "(envelope=True: at each size and duration, the best cell)")
+
+
+def envelope(rows: pd.DataFrame, metric: str, size: str = "gflops", duration: str = "images_seen") -> pd.DataFrame:
+    """Returns the best-per-size envelope: at each (size, duration), the row with the lowest `metric` among cells
+    that differ in their training settings (e.g. the best learning rate of each model at each point of training),
+    its cell named `envelope@<size>` so a law sees one curve per size; `envelope_of` keeps the cell it came from."""
+    rows = rows[rows[metric].notna()]
+    best = rows.loc[rows.groupby([size, duration])[metric].idxmin()].copy()
+    best["envelope_of"] = best["cell_id"]
+    best["cell_id"] = [f"envelope@{g:.6g}" for g in best[size]]
+    return best.sort_values([size, duration]).reset_index(drop=True)
+
+
 def comparison_step(df: pd.DataFrame, metric: str = "fid") -> int:
     """Returns the step where cells are compared: the latest step evaluated in at least half as many cells
     as the best-covered step (a grid's planned length, undisturbed by a few cells stopped early)."""

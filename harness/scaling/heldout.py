@@ -50,7 +50,7 @@ def holdout_check(
     val_df: pd.DataFrame,
     eval_df: pd.DataFrame | None = None,
     n_holdout: int = 1,
-    metric: str = "val_loss",
+    metric: str = "val_loss_ema",
     fid_metric: str = "fid",
     n_resamples: int = HOLDOUT_RESAMPLES,
     seed: int = 0,
@@ -97,7 +97,8 @@ def holdout_check(
         out["loss_to_fid"] = {"error": "no results table with FID given"}
         return to_plain(out)
     try:
-        out.update(_holdout_fid(eval_df, cut, joint, fid_metric, n_resamples, seed, level, cond, allow_mixed))
+        out.update(_holdout_fid(eval_df, cut, joint, fid_metric, n_resamples, seed, level, cond, allow_mixed,
+                                metric))
     except ValueError as e:
         out["loss_to_fid"] = {"error": str(e)}
     return to_plain(out)
@@ -135,23 +136,24 @@ def _holdout_isoflop(rows, train, held_out: set, metric, n_resamples, seed, leve
     return {"rows": out, **_errors(out), "law": cheap.describe()}
 
 
-def _holdout_fid(eval_df, cut, joint, fid_metric, n_resamples, seed, level, cond, allow_mixed) -> dict:
+def _holdout_fid(eval_df, cut, joint, fid_metric, n_resamples, seed, level, cond, allow_mixed,
+                 loss_metric: str = "val_loss_ema") -> dict:
     """Returns {"loss_to_fid": FID of held-out evaluations from their measured loss, and, with a joint law,
     "fid_from_predicted_loss": from the loss the joint law predicts}, each with prediction intervals."""
-    frows, label = fid_points(eval_df, fid_metric, cond, allow_mixed)
+    frows, label = fid_points(eval_df, fid_metric, cond, allow_mixed, loss_metric)
     held = frows["gflops"] >= cut
     if not held.any():
-        raise ValueError(f"no held-out cell (Gflops >= {cut:g}) has an evaluation with {fid_metric} and val_loss")
+        raise ValueError(f"no held-out cell (Gflops >= {cut:g}) has an evaluation with {fid_metric} and {loss_metric}")
     cheap = frows[~held]
-    fit = fit_loss_to_fid(cheap["val_loss"], cheap[fid_metric], cheap["cell_id"], n_resamples, seed, level, label)
+    fit = fit_loss_to_fid(cheap[loss_metric], cheap[fid_metric], cheap["cell_id"], n_resamples, seed, level, label)
     if not fit.determined:
         raise ValueError(f"{label} against loss on the cheaper cells is not determined ({fit.choice})")
     t = frows[held]
-    pred = fit.predict(t["val_loss"].to_numpy())
-    lo, hi = fit.prediction_interval(t["val_loss"].to_numpy(), seed)
-    rows = [{"cell_id": str(c), "step": int(s), "val_loss": float(v)}
+    pred = fit.predict(t[loss_metric].to_numpy())
+    lo, hi = fit.prediction_interval(t[loss_metric].to_numpy(), seed)
+    rows = [{"cell_id": str(c), "step": int(s), loss_metric: float(v)}
             | _interval_row(float(m), float(p), float(a), float(b))
-            for c, s, v, m, p, a, b in zip(t["cell_id"], t["step"], t["val_loss"], t[fid_metric], pred, lo, hi)]
+            for c, s, v, m, p, a, b in zip(t["cell_id"], t["step"], t[loss_metric], t[fid_metric], pred, lo, hi)]
     out = {"loss_to_fid": {"rows": rows, **_errors(rows), "law": fit.describe()}}
     if joint is not None and joint.boot_thetas is not None and len(joint.boot_thetas):
         size, images = t["gflops"].to_numpy(float), t["images_seen"].to_numpy(float)

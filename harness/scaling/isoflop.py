@@ -259,7 +259,7 @@ def _as_table(data, metric: str) -> pd.DataFrame:
 def isoflop_profiles(
     data,
     budgets=None,
-    metric: str = "val_loss",
+    metric: str = "val_loss_ema",
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     level: float = LEVEL,

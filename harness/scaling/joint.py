@@ -506,7 +506,7 @@ def fit_joint_law(
 
 def fit_joint_table(
     val_df: pd.DataFrame,
-    metric: str = "val_loss",
+    metric: str = "val_loss_ema",
     cond: str | None = "adaln_zero",
     allow_mixed: bool = False,
     n_resamples: int = N_RESAMPLES,

@@ -40,6 +40,18 @@ class LossToFid:
     loss_range: tuple[float, float]
     label: str = "FID"
     points: pd.DataFrame | None = field(default=None, repr=False)  # cell_id, step (if known), val_loss, fid
+    # What as many real images get against the same reference ({"value", "spread"}: harness.metrics.floors): no
+    # prediction is reported below it. None: the records carry no floor.
+    floor: dict | None = None
+    loss_metric: str = "val_loss_ema"  # the loss the law maps (the EMA model's, as the evaluated weights are)
+
+    def at_floor(self, fid) -> np.ndarray:
+        """Returns, per FID value, whether it lies within the floor's spread above the floor or below it: a value
+        the metric cannot tell from what real images get (False everywhere without a floor)."""
+        fid = np.asarray(fid, dtype=float)
+        if self.floor is None:
+            return np.zeros(fid.shape, dtype=bool)
+        return fid <= self.floor["value"] + max(self.floor["spread"], 0.0)
 
     @property
     def form(self) -> str:
@@ -107,7 +119,10 @@ class LossToFid:
         lo, hi = law.exponent_ci
         if not math.isnan(lo):
             s += f", k {100 * law.level:g}% CI [{lo:.3g}, {hi:.3g}]"
-        return s + f"; {law.n_points} points, {self.n_cells} cells; {self.choice}"
+        s += f"; {law.n_points} points, {self.n_cells} cells; {self.choice}"
+        if self.floor is not None:
+            s += f"; the metric's floor (real images): {self.floor['value']:.3g} +- {self.floor['spread']:.2g}"
+        return s
 
     def to_dict(self) -> dict:
         """Returns the fit as plain JSON-ready values (the chosen law's and the alternative's parameters)."""
@@ -143,6 +158,8 @@ class LossToFid:
                 "f_inf": self.alternative.f_inf,
                 "f_inf_ci": list(self.alternative.f_inf_ci),
             },
+            "metric_floor": self.floor,
+            "loss_metric": self.loss_metric,
             "description": self.describe(),
         }
         return to_plain(out)
@@ -247,25 +264,30 @@ def fid_points(
     fid_metric: str = "fid",
     cond: str | None = "adaln_zero",
     allow_mixed: bool = False,
+    loss_metric: str = "val_loss_ema",
 ) -> tuple[pd.DataFrame, str]:
-    """Returns (rows of the results table with both `fid_metric` and val_loss, the FID label).
+    """Returns (rows of the results table with both `fid_metric` and `loss_metric`, the FID label).
 
-    FID settings (sample count, extractor: `harness.results.comparable`; and the settings hash) must agree, and
-    so must data set and objective, unless `allow_mixed`; ValueError naming cells with non-positive values.
+    The loss is the EMA model's held-out validation loss measured at the evaluation's own step (the FID is the EMA
+    model's; the results table never pairs an evaluation with an older validation line). FID settings (sample
+    count, extractor and its weights: `harness.results.comparable`; and the settings hash) must agree, and so must
+    every training setting off the law's axes, unless `allow_mixed`; ValueError naming cells with non-positive
+    values.
     """
     if not isinstance(eval_df, pd.DataFrame):
         raise ValueError(f"expected a results table (pandas DataFrame), got {type(eval_df).__name__}")
-    if "val_loss" not in eval_df:
-        raise ValueError("the results table has no val_loss column: no FID can be tied to a validation loss")
+    if loss_metric not in eval_df:
+        raise ValueError(f"the results table has no {loss_metric} column: no FID can be tied to a validation loss")
     rows, label = comparable(eval_df, fid_metric, allow_mixed=allow_mixed)
     if cond is not None and "cond" in rows:
         rows = rows[rows["cond"] == cond]
-    rows = rows[rows["val_loss"].notna()]
+    rows = rows[rows[loss_metric].notna()]
     if rows.empty:
         raise ValueError(
-            f"no evaluated row has both {fid_metric!r} and val_loss"
+            f"no evaluated row has both {fid_metric!r} and {loss_metric} at its own step"
             + (f" (cond={cond!r})" if cond is not None else "")
-            + "; the validation loss is logged by training (metrics.jsonl)"
+            + "; the trainer validates at every evaluation step (python -m harness.evaluate run_dir=... step=all "
+            "validation=only measures the kept checkpoints of cells trained before it did)"
         )
     _one_setting(rows, allow_mixed, f"{label}-loss relation")
     hashes = sorted(str(h) for h in rows["settings_hash"].dropna().unique()) if "settings_hash" in rows else []
@@ -276,7 +298,7 @@ def fid_points(
             f"refusing to fit one {label}-loss relation across evaluation settings {hashes}; select one, e.g. "
             f"df[df.settings_hash == {hashes[0]!r}], or pass allow_mixed=True"
         )
-    for col in (fid_metric, "val_loss"):
+    for col in (fid_metric, loss_metric):
         v = rows[col].to_numpy(dtype=float)
         bad = ~np.isfinite(v) | (v <= 0)
         if bad.any():
@@ -284,6 +306,16 @@ def fid_points(
                 f"{col} must be finite and positive; non-positive in cells {sorted(rows.loc[bad, 'cell_id'].unique())}"
             )
     return rows, label
+
+
+def metric_floor(rows: pd.DataFrame, fid_metric: str = "fid") -> dict | None:
+    """Returns the floor of `fid_metric` the rows were measured against, {"value", "spread"} (the median over rows,
+    which share one reference, extractor and sample count), or None when the records hold none."""
+    col = f"{fid_metric}_floor"
+    if col not in rows or rows[col].isna().all():
+        return None
+    spread = rows.get(f"{col}_spread", pd.Series(dtype=float))
+    return {"value": float(rows[col].median()), "spread": float(spread.median()) if spread.notna().any() else 0.0}
 
 
 def fit_loss_to_fid_table(
@@ -294,11 +326,13 @@ def fit_loss_to_fid_table(
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     level: float = LEVEL,
+    loss_metric: str = "val_loss_ema",
 ) -> LossToFid:
-    """Returns `fit_loss_to_fid` over every evaluated (cell, step) of the results table with a validation loss."""
-    rows, label = fid_points(eval_df, fid_metric, cond, allow_mixed)
+    """Returns `fit_loss_to_fid` over every evaluated (cell, step) of the results table with `loss_metric` at that
+    step, with the metric's floor the records carry (`LossToFid.floor`)."""
+    rows, label = fid_points(eval_df, fid_metric, cond, allow_mixed, loss_metric)
     fit = fit_loss_to_fid(
-        rows["val_loss"].to_numpy(),
+        rows[loss_metric].to_numpy(),
         rows[fid_metric].to_numpy(),
         groups=rows["cell_id"].to_numpy(),
         n_resamples=n_resamples,
@@ -307,5 +341,6 @@ def fit_loss_to_fid_table(
         label=label,
     )
     fit.points = fit.points.assign(step=rows["step"].to_numpy() if "step" in rows else np.nan)
+    fit.floor = metric_floor(rows, fid_metric)
+    fit.loss_metric = loss_metric
     return fit
-

@@ -8,8 +8,13 @@ cell, enough records per cell), and the thresholds those checks and "not determi
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
+
+from harness.results import EPOCHS_WORTH_LESS, HELDOUT_COLUMNS, TRAIN_BATCH_COLUMNS, alike
+from harness.results import envelope as envelope_rows
 
 # The joint law has 5 parameters. alpha needs sizes beyond two (with two, alpha and A trade against E),
 # beta needs several record points per cell (each cell's curve over images); 3 sizes x 2 records = 6 points.
@@ -23,6 +28,19 @@ NEGLIGIBLE_FRAC = 0.01
 # recipe. An absent column counts as one value.
 MIX_COLUMNS = ("data", "objective", "parametrization")
 VALIDATION_COLUMNS = ("cell_id", "gflops", "images_seen")
+
+
+def warn_repeated(rows: pd.DataFrame, what: str) -> None:
+    """Warns when a law fits records past EPOCHS_WORTH_LESS epochs (repeated images are worth less than fresh ones:
+    such points bend a law fitted as if every image were new)."""
+    if "epochs" not in rows:
+        return
+    past = rows[pd.to_numeric(rows["epochs"], errors="coerce") > EPOCHS_WORTH_LESS]
+    if len(past):
+        cells = sorted(past["cell_id"].astype(str).unique())[:6]
+        warnings.warn(f"the {what} fits {len(past)} of {len(rows)} records past {EPOCHS_WORTH_LESS:g} epochs (up to "
+                      f"{float(past['epochs'].max()):.0f}) in cells {cells}: repeated images are worth less than "
+                      "fresh ones (Muennighoff et al. 2023)", stacklevel=3)
 
 
 def _as_1d(name: str, values) -> np.ndarray:
@@ -58,8 +76,10 @@ def _check_cells(size: np.ndarray, images: np.ndarray, groups: np.ndarray, what:
         )
 
 
-def _one_setting(rows: pd.DataFrame, allow_mixed: bool, what: str) -> None:
-    """Raises a ValueError when `rows` mix data sets or objectives, unless `allow_mixed`."""
+def _one_setting(rows: pd.DataFrame, allow_mixed: bool, what: str, settings: bool = True) -> None:
+    """Raises a ValueError when `rows` mix data sets, objectives or parametrizations (each another loss surface),
+    then, with `settings`, when they differ in any other training setting (harness.results.alike); nothing with
+    `allow_mixed`."""
     if allow_mixed:
         return
     for col in MIX_COLUMNS:
@@ -72,19 +92,25 @@ def _one_setting(rows: pd.DataFrame, allow_mixed: bool, what: str) -> None:
                     f"surface); cells by {col}: {by}. Select one, e.g. df[df.{col} == {values[0]!r}], "
                     f"or pass allow_mixed=True"
                 )
+    if settings:
+        alike(rows, what, allow_mixed)
 
 
 def validation_points(
     val_df: pd.DataFrame,
-    metric: str = "val_loss",
+    metric: str = "val_loss_ema",
     cond: str | None = "adaln_zero",
     allow_mixed: bool = False,
+    envelope: bool = False,
 ) -> pd.DataFrame:
     """Returns the validation table's rows to fit: columns cell_id, gflops, images_seen, `metric`, one row per
     (cell, images seen), sorted. ValueError naming the cells with missing or non-positive values.
 
-    Only `cond` cells are used when the table has a `cond` column (cond=None keeps all); rows of several
-    data sets or objectives are refused unless `allow_mixed`.
+    Only `cond` cells are used when the table has a `cond` column (cond=None keeps all). Cells that differ in any
+    training setting off the law's axes are refused, naming the settings, unless `allow_mixed`; `envelope` fits
+    the best cell at each size and duration instead (harness.results.envelope). A fixed training batch's loss
+    (`train_batch_loss`: a data set without a held-out split) is fitted only when asked for by name; records past
+    EPOCHS_WORTH_LESS epochs of repetition are fitted with a warning.
     """
     if not isinstance(val_df, pd.DataFrame):
         raise ValueError(f"expected a validation table (pandas DataFrame), got {type(val_df).__name__}")
@@ -98,7 +124,16 @@ def validation_points(
             raise ValueError(f"no row with cond={cond!r}; conds present: {sorted(val_df['cond'].dropna().unique())}")
     if rows.empty:
         raise ValueError("the validation table has no rows")
-    _one_setting(rows, allow_mixed, f"law of {metric}")
+    train_batch = [c for c in TRAIN_BATCH_COLUMNS if c in rows and rows[c].notna().any()]
+    if metric in HELDOUT_COLUMNS and rows[metric].isna().all() and train_batch:
+        raise ValueError(f"no held-out {metric} in these cells: only a fixed training-batch loss (a data set "
+                         "without a held-out split, or cells validated before held-out validation existed; "
+                         "python -m harness.evaluate run_dir=... step=all validation=only measures kept checkpoints). "
+                         "Fit it anyway by name: metric='train_batch_loss' (or 'train_batch_loss_ema')")
+    _one_setting(rows, allow_mixed, f"law of {metric}", settings=not envelope)
+    if envelope:
+        rows = envelope_rows(rows, metric)
+    warn_repeated(rows, f"law of {metric}")
     for col in ("gflops", "images_seen", metric):
         v = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
         bad = ~np.isfinite(v) | (v <= 0)

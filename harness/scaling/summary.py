@@ -48,7 +48,7 @@ def compute_optimal_summary(
     budgets=None,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
-    metric: str = "val_loss",
+    metric: str = "val_loss_ema",
     fid_metric: str = "fid",
     cond: str | None = "adaln_zero",
     allow_mixed: bool = False,
@@ -156,7 +156,7 @@ def _summary_fits(rows, eval_df, out, notes, metric, fid_metric, cond, allow_mix
         notes.append("no FID predictions: no results table given")
         return joint, iso, None
     try:
-        fid = fit_loss_to_fid_table(eval_df, fid_metric, cond, allow_mixed, n_resamples, seed, level)
+        fid = fit_loss_to_fid_table(eval_df, fid_metric, cond, allow_mixed, n_resamples, seed, level, metric)
         if fits is not None:
             fits["loss_to_fid"] = fid
         out["loss_to_fid"] = fid.to_dict()
@@ -190,6 +190,9 @@ def _budget_rows(budgets, beyond, joint, iso, fid, sizes_trained, metric, level)
         b["images_opt"] = _value(images[j], i_lo[j], i_hi[j]) if ok else None
         b[metric] = _value(loss_pt[j], l_lo[j], l_hi[j]) if ok else None
         b["fid"] = _value(f_pt[j], f_lo[j], f_hi[j]) if ok and fid is not None else None
+        if b["fid"] is not None and bool(fid.at_floor(f_pt[j])):
+            # below what real images get: the metric cannot tell this model from the data
+            b["fid"] = {**b["fid"], "at_floor": True, "floor": fid.floor}
         b["size_outside_trained"] = bool(ok and not lo_size <= size[j] <= hi_size)
         b["fid_loss_extrapolated"] = bool(
             ok and fid is not None and not fid.loss_range[0] <= loss_pt[j] <= fid.loss_range[1]

@@ -44,7 +44,7 @@ def dense():
     df = dense_sweep()
     return {
         "iso": isoflop_profiles(df, budgets=true_budget(np.geomspace(2, 20, 6)), n_resamples=100),
-        "joint": fit_joint_law(df["gflops"], df["images_seen"], df["val_loss"], df["cell_id"], n_resamples=100),
+        "joint": fit_joint_law(df["gflops"], df["images_seen"], df["val_loss_ema"], df["cell_id"], n_resamples=100),
     }
 
 

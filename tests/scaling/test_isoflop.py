@@ -17,7 +17,7 @@ from harness.scaling.joint import fit_joint_law
 def test_isoflop_and_joint_law_agree_within_their_intervals():
     df = dense_sweep()
     iso = isoflop_profiles(df, budgets=true_budget(np.geomspace(2, 20, 6)), n_resamples=200)
-    law = fit_joint_law(df["gflops"], df["images_seen"], df["val_loss"], df["cell_id"], n_resamples=200)
+    law = fit_joint_law(df["gflops"], df["images_seen"], df["val_loss_ema"], df["cell_id"], n_resamples=200)
     assert iso.determined, iso.describe()
     i_lo, i_hi = iso.exponent_ci
     (j_lo, j_hi), _ = law.allocation_exponents_ci
@@ -38,7 +38,7 @@ def test_isoflop_interpolates_in_log_images_and_never_extrapolates():
             "cell_id": ["small"] * 2 + ["mid"] * 2 + ["big"] * 2,
             "gflops": [1.0] * 2 + [2.0] * 2 + [4.0] * 2,
             "images_seen": [1e6, 8e6, 1e6, 4e6, 1e6, 2e6],
-            "val_loss": [1.0, 0.7, 1.0, 0.8, 0.9, 0.85],
+            "val_loss_ema": [1.0, 0.7, 1.0, 0.8, 0.9, 0.85],
         }
     )
     budget = FORWARD_BACKWARD_FACTOR * 2.0 * 2e6
@@ -68,7 +68,7 @@ def test_isoflop_says_when_the_parabola_has_no_minimum_inside():
                 "cell_id": np.repeat([f"c{i}" for i in range(5)], 6),
                 "gflops": g.ravel(),
                 "images_seen": d.ravel(),
-                "val_loss": values.ravel(),
+                "val_loss_ema": values.ravel(),
             }
         )
         iso = isoflop_profiles(df, budgets=budgets, n_resamples=20)

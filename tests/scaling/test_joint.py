@@ -67,7 +67,7 @@ def test_noiseless_joint_law_is_recovered():
     law = fit_joint_table(val, n_resamples=0)
     for k in JOINT_PARAMS:
         assert law.params[k] == pytest.approx(TRUE[k], rel=0.02), law.describe()
-    assert np.allclose(law.predict(val["gflops"], val["images_seen"]), val["val_loss"], rtol=1e-3)
+    assert np.allclose(law.predict(val["gflops"], val["images_seen"]), val["val_loss_ema"], rtol=1e-3)
     # Without resamples the bands exist, have the points' shape and say "unknown" (NaN), never crash.
     lo, hi = law.predict_interval(val["gflops"], val["images_seen"])
     assert lo.shape == hi.shape == (len(val),) and np.isnan(lo).all() and np.isnan(hi).all()
@@ -175,7 +175,7 @@ def random_fits(d: dict, seed: int, rng) -> dict:
     """Returns {name: callable} fitting the random sweep `d` with each of the new fits and one fit_law form."""
     n = len(d["size"])
     fid = 20 * (d["metric"] / d["metric"].mean()) ** rng.uniform(0, 20) * np.exp(rng.normal(0, 0.05, n))
-    table = {"gflops": d["size"], "images_seen": d["images"], "val_loss": d["metric"], "cell_id": d["cell"]}
+    table = {"gflops": d["size"], "images_seen": d["images"], "val_loss_ema": d["metric"], "cell_id": d["cell"]}
     form = str(rng.choice(scaling.FORMS))
     return {
         "joint": lambda: fit_joint_law(d["size"], d["images"], d["metric"], d["cell"], n_resamples=3, seed=seed),

@@ -23,11 +23,11 @@ def test_summary_gives_each_budget_size_images_loss_and_fid_with_intervals(sweep
     for b in budgets:
         size, images = b["size_opt"]["value"], b["images_opt"]["value"]
         assert FORWARD_BACKWARD_FACTOR * size * images == pytest.approx(b["compute_gflops"], rel=1e-9)
-        for key in ("size_opt", "images_opt", "val_loss", "fid"):
+        for key in ("size_opt", "images_opt", "val_loss_ema", "fid"):
             v = b[key]
             assert v["low"] <= v["value"] * (1 + 1e-9) and v["value"] <= v["high"] * (1 + 1e-9), (key, v)
     # More compute buys a lower loss, and (through the loss) a lower FID.
-    assert np.all(np.diff([b["val_loss"]["value"] for b in budgets]) < 0)
+    assert np.all(np.diff([b["val_loss_ema"]["value"] for b in budgets]) < 0)
     assert np.all(np.diff([b["fid"]["value"] for b in budgets]) < 0)
     hold = summary["holdout"]
     assert hold["held_out_cells"] == ["DiT-XL-2_adaln_zero_synth_s0"]
