@@ -51,9 +51,16 @@ def eval_record(
     num_samples: int = 50_000,
     extractor: str = "inception-v3-compat",
     data: str = "imagenet",
+    unique: int | None = None,
+    floor: tuple[float, float] | None = None,
 ) -> dict:
-    """Returns an evals/step_N.json record in the contract's shape."""
+    """Returns an evals/step_N.json record in the contract's shape; `unique`: the distinct training images (its
+    epochs), `floor`: the FID floor (mean, spread) of its sample count."""
     return {
+        "unique_train_images": unique,
+        "epochs": None if unique is None else step * batch / unique,
+        "floor": None if floor is None else {"num_samples": num_samples, "method": "disjoint draws", "values": {
+            "fid": {"mean": floor[0], "spread": floor[1]}}},
         "step": step,
         "images_seen": step * batch,
         "metrics": {"fid": fid, "isc_mean": 300.0 / fid, "precision": 0.7, "recall": 0.5},
@@ -178,6 +185,8 @@ def make_paper_sweep(
 # at 1K, 2K and 3K steps, validation loss every 500 steps. (model, patch) -> (gflops, params, FID at DEMO_STEPS,
 # validation loss at DEMO_VAL_STEPS), values as measured by `make demo` (2026-11-30).
 DEMO_STEPS = (1000, 2000, 3000)
+DIGITS_TRAIN_IMAGES = 1501
+DEMO_FID_FLOOR = (1.38, 0.13)  # FID-500 of 500 real digits (train split) against the test split's statistics
 DEMO_VAL_STEPS = (500, 1000, 1500, 2000, 2500, 3000)
 DEMO_BATCH = 64
 DEMO_SIZE = 8
@@ -229,9 +238,8 @@ def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int 
             "steps": DEMO_STEPS[-1],
             "off_paper": True,
         }
-        evals = [
-            eval_record(s, fid, DEMO_BATCH, num_samples, extractor, data="digits") for s, fid in zip(DEMO_STEPS, fids)
-        ]
+        evals = [eval_record(s, fid, DEMO_BATCH, num_samples, extractor, data="digits", unique=DIGITS_TRAIN_IMAGES,
+                             floor=DEMO_FID_FLOOR) for s, fid in zip(DEMO_STEPS, fids)]
         metrics = [{"step": s, "images_seen": s * DEMO_BATCH, **val_line(v, legacy=legacy)}
                    for s, v in zip(DEMO_VAL_STEPS, val_losses)]
         status = {"state": "finished", "reason": None, "attempts": 1, "step": DEMO_STEPS[-1], "wall_s": 140.0}

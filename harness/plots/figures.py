@@ -30,6 +30,7 @@ from harness.core.cli import one_line  # noqa: E402
 from harness.core.runfolder import atomic_open  # noqa: E402
 from harness.core.vocabulary import NAMES, PAPER_EXTRACTOR  # noqa: E402
 from harness.results import (  # noqa: E402
+    EPOCHS_WORTH_LESS,  # noqa: E402
     comparable,
     comparison_step,
     paper_results,
@@ -265,10 +266,37 @@ def _paper_panel(pax, x: str, colors: dict) -> None:
     pax.set_label("paper")
 
 
+def floor_band(ax, rows: pd.DataFrame, metric: str) -> list:
+    """Draws the metric's floor as a grey band (mean +- spread of what as many real images get against the same
+    reference; harness.metrics.floors) across the panel, when the rows' records carry it; returns the values it
+    spans (for the y-limits), [] when there is none."""
+    col = f"{metric}_floor"
+    if col not in rows or rows[col].isna().all():
+        return []
+    mean = float(rows[col].median())
+    spread = float(rows.get(f"{col}_spread", pd.Series([0.0])).median() or 0.0)
+    n = rows["num_samples"].dropna().iloc[0] if "num_samples" in rows and rows["num_samples"].notna().any() else None
+    real = f"{int(n):,} real images" if n is not None else "real images"
+    ax.axhspan(mean - spread, mean + spread, color="0.5", alpha=0.25, lw=0, zorder=1, gid="floor")
+    ax.axhline(mean, color="0.4", lw=0.8, ls="--", zorder=1, label=f"floor: {real} ({mean:.3g} +- {spread:.2g})")
+    return [pd.Series([mean - spread, mean + spread])]
+
+
+def mark_repeated(ax, rows: pd.DataFrame, x: str, metric: str) -> None:
+    """Rings the points measured past EPOCHS_WORTH_LESS epochs of repeated training images (worth less than fresh
+    ones, Muennighoff et al. 2023), with a legend entry; nothing when no point is."""
+    if "epochs" not in rows:
+        return
+    past = rows[pd.to_numeric(rows["epochs"], errors="coerce") > EPOCHS_WORTH_LESS]
+    if len(past):
+        ax.scatter(past[x], past[metric], s=90, facecolors="none", edgecolors="#d62728", linewidths=1.0, zorder=5,
+                   gid="repeated", label=f"past {EPOCHS_WORTH_LESS:g} epochs of repeated images")
+
+
 def _paper_and_axes(ax, pax, values, shared: bool, paper: bool, colors: dict, label: str) -> None:
     """Draws the paper's Table 4 points against Gflops (on `ax` when comparable, else in the side panel
     `pax`), labels the axes and sets y-limits from what `ax` shows."""
-    shown = [values]
+    shown = list(values) if isinstance(values, list) else [values]
     if shared:
         p = _paper()
         _paper_stars(ax, p, "gflops", colors)
@@ -415,10 +443,12 @@ def fig6_training(
     bottom = [fig.add_subplot(grid[1, i], sharey=first) for i in range(len(sizes))]
 
     def draw(ax, size, patch):
-        r = rows[(rows["model"] == size) & (rows["patch"] == patch)].groupby("step")[metric].mean()
+        model = rows[(rows["model"] == size) & (rows["patch"] == patch)]
+        r = model.groupby("step")[metric].mean()
         style, marker = _patch_style(patch)
         if len(r):
             ax.plot(r.index, r.to_numpy(), style, marker=marker, ms=3, color=colors[size], gid="sweep")
+            mark_repeated(ax, model, "step", metric)
         p = pap[(pap["model"] == size) & (pap["patch"] == patch)]
         if len(p):
             ax.scatter(p["step"], p["fid"], color=colors[size], gid="paper", **PAPER_STYLE)
@@ -432,10 +462,13 @@ def fig6_training(
             draw(ax, size, patch)
         ax.set_title(f"DiT-{size}: varying patch", fontsize=10)
     x_hi = 1.05 * max(rows["step"].max(), pap["step"].max() if len(pap) else 0)
+    floor = []
+    for ax in top + bottom:
+        floor = floor_band(ax, rows, metric)
     for ax in top + bottom:
         _finish(ax, STEPS_LABEL, label if ax in (top[0], bottom[0]) else None, logx=False, logy=True)
         ax.set_xlim(0, x_hi)
-    _set_ylim(first, [rows[metric], pap["fid"]], log=True)
+    _set_ylim(first, [rows[metric], pap["fid"], *floor], log=True)
     handles = [Line2D([], [], color=colors[s], label=f"DiT-{s}") for s in sizes]
     handles += [
         Line2D([], [], color="gray", linestyle=_patch_style(p)[0], marker=_patch_style(p)[1], ms=4, label=f"patch {p}")
@@ -484,7 +517,8 @@ def fig8_gflops(
         ax.scatter([], [], color=colors[size], label=f"DiT-{size}")
     for patch in patch_order(rows):
         ax.scatter([], [], color="gray", marker=_patch_style(patch)[1], label=f"patch {patch}")
-    _paper_and_axes(ax, pax, rows[metric], shared, paper, colors, label)
+    _paper_and_axes(ax, pax, [rows[metric], *floor_band(ax, rows, metric)], shared, paper, colors, label)
+    mark_repeated(ax, rows, "gflops", metric)
     _draw_law(ax, *choose_law(law, fallback), rows["gflops"].min(), rows["gflops"].max())
     fig.suptitle(f"Fig 8: {label} at step {step:,}; Pearson r(FID, log10 Gflops) = {corr:.3f}", fontsize=10)
     _legend_outside(ax)
@@ -528,7 +562,8 @@ def fig9_compute(
     shared = paper and paper_comparable(rows, metric)
     fig, ax, pax = _figure(paper and not shared, width=MAIN_WIDTH + 1.0)
     _lines_against_compute(ax, rows, metric, colors, marker_size=4)
-    values = [rows[metric]]
+    values = [rows[metric], *floor_band(ax, rows, metric)]
+    mark_repeated(ax, rows, "train_compute_gflops", metric)
     if shared:
         p = _paper(cond)
         _paper_stars(ax, p, "train_compute_gflops", colors)
@@ -587,7 +622,8 @@ def fig12_metrics(
             continue
         drawn.append(metric)
         _lines_against_compute(ax, rows, metric, colors, marker_size=3)
-        values = [rows[metric]]
+        values = [rows[metric], *floor_band(ax, rows, metric)]
+        mark_repeated(ax, rows, "train_compute_gflops", metric)
         if paper and metric == "fid" and paper_comparable(rows, metric):
             p = _paper(cond)
             _paper_stars(ax, p, "train_compute_gflops", colors)

@@ -196,6 +196,11 @@ def fig_loss_to_fid(fit: LossToFid):
     ax.scatter(pts["val_loss"], pts["fid"], color="#4c72b0", s=20, zorder=4, label="evaluations", gid="points")
     loss = np.geomspace(pts["val_loss"].min() / FIT_X_EXTEND**0.1, pts["val_loss"].max() * FIT_X_EXTEND**0.1, 100)
     y_lo, y_hi = pts["fid"].min() / 1.25, pts["fid"].max() * 1.25
+    if fit.floor is not None:  # what as many real images get: no prediction is read below it
+        f, s = fit.floor["value"], max(fit.floor["spread"], 0.0)
+        ax.axhspan(max(f - s, 1e-12), f + s, color="0.5", alpha=0.25, lw=0, zorder=1, gid="floor")
+        ax.axhline(f, color="0.4", lw=0.8, ls="--", zorder=1, label=f"floor: real images ({f:.3g} +- {s:.2g})")
+        y_lo = min(y_lo, max(f - s, f / 2) / 1.25)
     if fit.determined:
         lo, hi = fit.law.exponent_ci
         floor = f"{fit.law.f_inf:.3g} + " if fit.form == "floor" else ""
@@ -214,7 +219,8 @@ def fig_loss_to_fid(fit: LossToFid):
             )
     else:
         ax.plot([], [], " ", label=_wrap(f"law not determined: {fit.choice}"))
-    _finish(ax, "validation loss (log scale)", f"{fit.label} (log scale)", logy=True)
+    loss_name = "EMA validation loss" if fit.loss_metric == "val_loss_ema" else fit.loss_metric
+    _finish(ax, f"{loss_name} (log scale)", f"{fit.label} (log scale)", logy=True)
     _plain_log_ticks(ax.xaxis)
     _plain_log_ticks(ax.yaxis)
     ax.set_ylim(y_lo, y_hi)

@@ -167,3 +167,23 @@ def test_fig12_draws_each_measured_metric_and_says_which_were_not(tmp_path):
     df = df.drop(columns=["fid", "sfid", "isc_mean", "precision", "recall"])
     with pytest.raises(ValueError, match="none of"):
         figures.fig12_metrics(df)
+
+
+@pytest.mark.parametrize("name", ["fig6_training", "fig8_gflops", "fig9_compute", "fig12_metrics"])
+def test_the_floor_is_a_band_and_repeated_points_are_ringed(demo, name):
+    """The demo's records carry the FID floor (500 real digits) and are past 4 epochs of the 1,501 training
+    digits: each FID figure draws the floor as a band and rings those points."""
+    fig = getattr(figures, name)(demo)
+    fid_axes = [ax for ax in fig.axes if any(c.get_gid() == "sweep" for c in [*ax.collections, *ax.lines])]
+    assert fid_axes
+    for ax in fid_axes[:1] if name == "fig12_metrics" else fid_axes:
+        bands = [p for p in ax.patches if p.get_gid() == "floor"]
+        assert len(bands) == 1
+        y = bands[0].get_path().vertices[:, 1] if hasattr(bands[0], "get_path") else None
+        lo, hi = ax.get_ylim()
+        assert lo <= 1.38 - 0.13 and hi >= 1.38 + 0.13 and y is not None
+    rings = sum(_n_points(ax, "repeated") for ax in fig.axes)
+    assert rings >= 1
+    labels = [t.get_text() for ax in fig.axes for leg in [ax.get_legend()] if leg for t in leg.get_texts()]
+    labels += [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert name == "fig6_training" or any("past 4 epochs" in s for s in labels)

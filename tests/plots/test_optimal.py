@@ -1,5 +1,6 @@
 """Figures of the compute-optimal analyses draw what their results hold (found by gid) and refuse absent data."""
 
+import dataclasses
 import warnings
 
 import matplotlib.pyplot as plt
@@ -90,6 +91,12 @@ def test_loss_to_fid_draws_points_law_band_and_names_the_form(fits):
     assert len(gids(fig, "points")[0].get_offsets()) == len(fit.points)
     assert gids(fig, "fit") and gids(fig, "band")
     assert any(fit.choice.split(":")[0] in t.replace("\n", " ") for t in legend_texts(fig))
+    assert not gids(fig, "floor")  # these records carry no floor
+    plt.close(fig)
+    floored = dataclasses.replace(fit, floor={"value": 4.0, "spread": 0.5})
+    fig = optimal.fig_loss_to_fid(floored)
+    assert len(gids(fig, "floor")) == 1 and any("floor: real images (4 +- 0.5)" in t for t in legend_texts(fig))
+    assert fig.axes[0].get_ylim()[0] <= 3.5
     plt.close(fig)
 
 
