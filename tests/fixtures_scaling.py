@@ -75,7 +75,8 @@ def dense_sweep(seed: int = 0) -> pd.DataFrame:
     """Returns a validation table dense enough for IsoFLOP profiles: 16 sizes, 12 records over 1000x images."""
     rng = np.random.default_rng(seed)
     rows = [
-        {"cell_id": f"c{i}", "gflops": g, "images_seen": d, "val_loss_ema": law_value(g, d) * math.exp(rng.normal(0, 3e-3))}
+        {"cell_id": f"c{i}", "gflops": g, "images_seen": d,
+         "val_loss_ema": law_value(g, d) * math.exp(rng.normal(0, 3e-3))}
         for i, g in enumerate(np.geomspace(0.5, 128, 16))
         for d in np.geomspace(3e5, 3e8, 12)
     ]
