@@ -23,11 +23,12 @@ from pathlib import Path
 import pandas as pd
 
 from harness import scaling
-from harness.core import cli
+from harness.core import cli, vocabulary
 from harness.core.runfolder import atomic_write_bytes
 from harness.core.vocabulary import NAMES
 from harness.plots import figures, optimal
 from harness.results import (
+    EPOCHS_WORTH_LESS,
     comparable,
     learning_rate_table,
     load,
@@ -124,8 +125,9 @@ def _md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
 
 # ---- the sections: each returns its Markdown lines (and may raise; the page then says why) ----
 
-LAST_COLUMNS = ("cell_id", "gflops", "step", "num_samples", "extractor", "cfg_scale", "fid", "sfid", "isc_mean",
-                "precision", "recall", "fd_dinov2")
+LAST_COLUMNS = ("cell_id", "gflops", "step", "epochs", "num_samples", "extractor", "extractor_weights", "cfg_scale",
+                "fid", "fid_floor", "sfid", "isc_mean", "precision", "recall", "fd_dinov2", "val_loss_ema",
+                "val_loss_ema_se", "train_batch_loss")
 ALWAYS_SHOWN = ("cell_id", "gflops", "step", "num_samples", "extractor")
 
 
@@ -140,7 +142,49 @@ def last_evaluations(df: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in LAST_COLUMNS if c in last and (c in ALWAYS_SHOWN or last[c].notna().any())]
     if "cfg_scale" in cols and (last["cfg_scale"].fillna(1.0) == 1.0).all():
         cols.remove("cfg_scale")  # unguided throughout: nothing to tell apart
-    return last.sort_values(["gflops", "cell_id"])[cols].reset_index(drop=True)
+    if "extractor_weights" in cols and last.get("extractor_current", pd.Series([True])).astype(bool).all():
+        cols.remove("extractor_weights")  # every record made with the shipped weights: nothing to tell apart
+    out = last.sort_values(["gflops", "cell_id"])
+    if "extractor_weights" in cols:  # records made with an in-house extractor's earlier weights say so
+        out = out.assign(extractor_weights=[w if cur else f"{w} (earlier weights)" for w, cur in
+                                            zip(out["extractor_weights"], out["extractor_current"].astype(bool))])
+    return out[cols].reset_index(drop=True)
+
+
+def measurements(ctx: Context) -> list[str]:
+    """Says what each number of the page is: the validation loss's split, images, times and standard error; each
+    metric's sample count, extractor (and its weights) and floor; how far the training data was repeated."""
+    md = ["## What the numbers are", ""]
+    val = ctx.val_df
+    if val is not None and len(val):
+        held = val[val["val_loss_ema"].notna()] if "val_loss_ema" in val else val.iloc[:0]
+        if len(held):
+            share = (held["val_loss_ema_se"] / held["val_loss_ema"]).median()
+            md.append(f"- Validation loss: the EMA and raw models' loss (the MSE term under DDPM) on the held-out "
+                      f"'{held['val_split'].mode().iloc[0]}' split, {int(held['val_images'].max())} images at "
+                      f"{int(held['val_times'].max())} stratified times each, fixed noise; its standard error is "
+                      f"{100 * share:.2g}% of the loss (median over {len(held)} records).")
+        batch = val[val["train_batch_loss"].notna()] if "train_batch_loss" in val else val.iloc[:0]
+        if len(batch):
+            md.append(f"- {batch['cell_id'].nunique()} cell(s) hold a fixed training-batch loss ({len(batch)} records: "
+                      "a data set without a held-out split, or lines written before held-out validation existed): "
+                      "not a validation loss, and no law fits it unless asked to by name.")
+    ev = ctx.df[ctx.df["evaluated"].astype(bool)] if "evaluated" in ctx.df else ctx.df.iloc[:0]
+    for (n, extractor, weights), g in ev.groupby(["num_samples", "extractor", "extractor_weights"], dropna=False):
+        name = vocabulary.metric_label("fid", n, extractor)
+        w = "" if pd.isna(weights) else f", extractor weights {weights}"
+        if "extractor_current" in g and not g["extractor_current"].astype(bool).all():
+            w += " (an earlier version's, trained on first use: not comparable across machines)"
+        floor = g["fid_floor"].dropna() if "fid_floor" in g else pd.Series(dtype=float)
+        fl = (f"; its floor (as many real images against the same reference): {floor.median():.3g} +- "
+              f"{g['fid_floor_spread'].dropna().median():.2g}" if len(floor) else "; no floor measured")
+        md.append(f"- {name}: {len(g)} records{w}{fl}.")
+    if "epochs" in ev and ev["epochs"].notna().any():
+        past = ev[ev["epochs"] > EPOCHS_WORTH_LESS]
+        md.append(f"- Repetition: records at up to {ev['epochs'].max():.3g} epochs of the training images; "
+                  f"{len(past)} of {len(ev)} evaluations lie past {EPOCHS_WORTH_LESS:g} epochs (ringed in the "
+                  "figures).")
+    return md + [""]
 
 
 def overview(ctx: Context) -> list[str]:
@@ -504,7 +548,8 @@ def learning_rates(ctx: Context) -> list[str]:
 def _sections(ctx: Context) -> list[tuple[str, Callable[[Context], list[str]]]]:
     """The page, in order: (name, section). Figures come after the fits they draw."""
     figures = [(name, lambda c, n=name: figure(c, n)) for name in FIGURES]
-    return ([("overview", overview), ("fits", fit_laws), ("figures header", lambda c: ["## Figures", ""])]
+    return ([("overview", overview), ("measurements", measurements), ("fits", fit_laws),
+             ("figures header", lambda c: ["## Figures", ""])]
             + figures + [("paper note", paper_note), ("table 4", table4), ("scaling laws", laws),
                          ("correlation", correlation), ("held-out extrapolation", held_out),
                          ("compute frontier", frontier), ("learning rates", learning_rates),

@@ -75,3 +75,20 @@ def test_last_evaluations_give_each_cell_its_latest_record_smallest_first(tmp_pa
     assert list(last["gflops"]) == sorted(last["gflops"])
     assert "fid" in last and "sfid" not in last  # the fixture measured FID only: no column of blanks
     assert last_evaluations(df[~df["evaluated"].astype(bool)]).empty
+
+
+def test_the_report_says_what_each_number_is(tmp_path):
+    """Split, images, times and standard error of the validation loss; sample count, extractor weights and floor of
+    each metric; how far the training images were repeated; the earlier form of a loss labelled as what it is."""
+    from fixtures_results import make_demo_sweep
+
+    report = write_report(make_demo_sweep(tmp_path / "demo"), n_resamples=0)
+    text = report.read_text()
+    section = text[text.index("## What the numbers are"):].split("\n## ")[0]
+    assert "held-out 'test' split, 296 images at 8 stratified times" in section
+    assert "standard error is 0.4% of the loss" in section
+    assert "FID-500 (digits extractor)" in section and "extractor weights 0614089547d5" in section
+    assert "its floor (as many real images against the same reference): 1.38 +- 0.13" in section
+    assert "past 4 epochs" in section
+    legacy = write_report(make_demo_sweep(tmp_path / "legacy", legacy=True), n_resamples=0).read_text()
+    assert "fixed training-batch loss" in legacy and "not a validation loss" in legacy
