@@ -59,12 +59,14 @@ class ValidationSet:
 
 
 def validation_set(cfg: Any, objective, codec=None, device: torch.device | str = "cpu",
-                   train_dataset=None) -> ValidationSet:
+                   train_dataset=None, training_images: bool = False) -> ValidationSet:
     """Returns the cell's validation set: train.val_images held-out images (default: the split, at most
     DEFAULT_VAL_IMAGES; a fixed training batch
     when the data set has no held-out split: `train_dataset`, built here when not given), train.val_times times,
-    fixed noise. `codec` encodes pixels (the kinds the paper encodes every step); None: inputs are final."""
-    found = datasets.heldout_dataset(cfg.data)
+    fixed noise. `codec` encodes pixels (the kinds the paper encodes every step); None: inputs are final.
+    `training_images`: the same estimator on a fixed batch of training images (what the held-out loss is compared
+    with to see how much of a loss is memorisation)."""
+    found = None if training_images else datasets.heldout_dataset(cfg.data)
     if found is not None:
         dataset, split, heldout = *found, True
     else:

@@ -363,6 +363,10 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
     ckpt_dir = run_dir / "checkpoints"
     micro, accum = stepper.micro, stepper.accum
     vs = heldout.validation_set(cfg, objective, codec, env.device, train_dataset=dataset)
+    # At evaluation steps the same estimator also reads a fixed batch of training images: the gap between the two
+    # is what the model memorised.
+    seen = heldout.validation_set(cfg, objective, codec, env.device, train_dataset=dataset, training_images=True) \
+        if vs.heldout else None
     progress.unique_images = unique_images(dataset)
     per_rank = micro * accum
     lo = env.rank * per_rank
@@ -411,7 +415,8 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
             if is_log or stopping:
                 _log(run_dir, env, progress, window, stepper.opt, bar, run)
             if step % tcfg.val_every == 0 or step in keep_steps or step == tcfg.steps:
-                _validate(run_dir, env, progress, stepper, objective, vs, run)
+                _validate(run_dir, env, progress, stepper, objective, vs, run,
+                          seen if step in keep_steps or step == tcfg.steps else None)
             if is_ckpt or stopping:
                 _save(cfg, env, ckpt_dir, progress, stepper, data_state, keep_steps)
                 if env.is_main:
@@ -556,13 +561,18 @@ def epochs(images_seen: int, unique: int | None) -> float | None:
     return None if not unique else images_seen / unique
 
 
-def _validate(run_dir, env, progress: Progress, s: Stepper, objective, vs: heldout.ValidationSet, run) -> None:
+def _validate(run_dir, env, progress: Progress, s: Stepper, objective, vs: heldout.ValidationSet, run,
+              seen: heldout.ValidationSet | None = None) -> None:
     """Writes the validation line: the loss of the model and of its EMA on the fixed held-out set, with standard
-    errors (harness.heldout), and the epochs the step is at."""
+    errors (harness.heldout), the epochs the step is at, and with `seen` the same on a fixed training batch."""
     rec = {"step": progress.step, "images_seen": progress.images_seen,
            "epochs": epochs(progress.images_seen, progress.unique_images),
            "unique_train_images": progress.unique_images,
            **heldout.validation_record(s.model, s.ema, objective, vs, s.autocast)}
+    if seen is not None:
+        on_training = heldout.validation_record(s.model, s.ema, objective, seen, s.autocast)
+        rec.update({k: v for k, v in on_training.items() if k != "validation"},
+                   train_batch_validation=on_training["validation"])
     if env.is_main:
         append_jsonl(run_dir / "metrics.jsonl", rec)
         if run is not None:
