@@ -1,5 +1,6 @@
 """Throughput of the harness's hot paths, one module each: the training step (`train`), sampling
-(`sample`), the latent loader (`loader`), feature extraction (`features`) and the sweep's plan (`plan`);
+(`sample`), the latent loader (`loader`), generated data (`data`: the procedural shapes' batches), feature
+extraction (`features`) and the sweep's plan (`plan`);
 `common` holds the device, its peak and the timing loop, `report` the tables, `cli` the command line.
 
 Every setting of one run is timed in the same process, interleaved round by round on the CPU, so the
@@ -14,6 +15,7 @@ matmul for the CPU or an unknown device. Nothing else in the harness imports thi
     python -m harness.bench train --model XL --patch 2 --batch 128 --record   # -> conf/throughput.yaml
     python -m harness.bench sample --model S --patch 8 --batch 8 --sampling-steps 10
     python -m harness.bench loader --batch 256 --threads 1,2
+    python -m harness.bench data --kind shapes --batch 256 --threads 1
     python -m harness.bench features
     python -m harness.bench plan [--repeats 3] [--grid "model=S patch=8,4"]
     python -m harness.bench analysis [--records 10] [--resamples 1000]   # the report of a 48-cell sweep
@@ -32,6 +34,7 @@ from harness.bench.common import (
     peak_table_entry,
     resolve_device,
 )
+from harness.bench.data import DATA_TARGET_IMAGES_PER_S, bench_data
 from harness.bench.features import bench_features
 from harness.bench.loader import LATENT_SHAPE_256, LOADER_TARGET_IMAGES_PER_S, bench_loader, write_latent_shards
 from harness.bench.plan import PAPER_GRID, bench_plan, grid_cells, listed_cells
@@ -50,9 +53,10 @@ from harness.bench.train import (
 )
 
 __all__ = [
-    "BASELINE", "BF16_LOSS_RTOL", "BF16_OUTPUT_RTOL", "CFG_SCALE", "FAST_PATH", "FID_HOURS_KEY", "IMAGENET_CLASSES",
+    "BASELINE", "BF16_LOSS_RTOL", "BF16_OUTPUT_RTOL", "CFG_SCALE", "DATA_TARGET_IMAGES_PER_S", "FAST_PATH",
+    "FID_HOURS_KEY", "IMAGENET_CLASSES",
     "LATENT_SHAPE_256", "LOADER_TARGET_IMAGES_PER_S", "PAPER_GRID", "PEAK_TFLOPS", "SAMPLE_SETTINGS",
-    "TRAIN_SETTINGS", "VAES", "Cell", "bench_features", "bench_loader", "bench_plan", "bench_sample",
+    "TRAIN_SETTINGS", "VAES", "Cell", "bench_data", "bench_features", "bench_loader", "bench_plan", "bench_sample",
     "bench_train", "bf16_agreement", "device_name", "device_peak", "environment", "format_table", "grid_cells",
     "host_syncs_per_step", "listed_cells", "make_codec", "peak_table_entry", "recorded_setting",
     "resolve_device", "summarize", "write_latent_shards",

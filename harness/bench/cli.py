@@ -1,4 +1,4 @@
-"""`python -m harness.bench {train,sample,loader,features,plan,summarize}`: run one benchmark, print its
+"""`python -m harness.bench {train,sample,loader,data,features,plan,analysis,summarize}`: run one benchmark, print its
 record as a table (or JSON), optionally write it to a file and, for training, record the throughput."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from harness import bench
 from harness.bench.analysis import bench_analysis
 from harness.bench.analysis import describe as describe_analysis
 from harness.bench.common import IMAGENET_CLASSES, VAES, Cell, environment, resolve_device, write_progress
+from harness.bench.data import bench_data, data_kinds
 from harness.bench.features import bench_features
 from harness.bench.loader import bench_loader
 from harness.bench.plan import PAPER_GRID, bench_plan
@@ -82,6 +83,12 @@ def parser() -> argparse.ArgumentParser:
     ld.add_argument("--count", type=int, default=8192, help="latent images written to the temporary shards")
     ld.add_argument("--dtype", default="float16", help="stored dtype: float16 or float32")
     ld.add_argument("--steps", type=int, default=20)
+    dt = sub.add_parser("data", help="a data kind's training batches images/s (shapes: rendered on the fly)")
+    _common_args(dt)
+    dt.add_argument("--kind", dest="data_kind", default="shapes", choices=data_kinds(), help="the data kind")
+    dt.add_argument("--batch", type=int, default=256)
+    dt.add_argument("--steps", type=int, default=20, help="batches per timed chunk")
+    dt.add_argument("--image-size", type=int, help="override the preset's data.image_size")
     f = sub.add_parser("features", help="feature extraction images/s (digits CNN; Inception if present)")
     _common_args(f)
     f.add_argument("--batch", type=int, default=256)
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif a.kind == "loader":
         threads = [int(x) for x in _split(a.threads)] if a.threads else [1, torch.get_num_threads()]
         record = bench_loader(a.batch, a.count, a.dtype, tuple(dict.fromkeys(threads)), a.steps, a.repeats)
+    elif a.kind == "data":
+        record = bench_data(a.data_kind, a.batch, a.steps, a.repeats, a.image_size)
     elif a.kind == "analysis":
         record = bench_analysis(a.records, a.resamples)
         record["env"] = environment(argv)

@@ -29,6 +29,9 @@ def format_table(record: dict) -> str:
     head = f"{record['kind']} on {dev.get('name', '?')}"
     if "cell" in record:
         head += f", {record['cell']['label']} ({record['cell']['gflops']:.3f} Gflops), batch {record['batch']}"
+    if record["kind"] == "data":
+        head += (f", data={record['data']} at {record['image_size']}x{record['image_size']}, batch {record['batch']}, "
+                 f"median of {record['repeats']} chunks of {record['steps']} batches")
     if record["kind"] == "plan":
         head += f", {record['cells']} cells ({' '.join(record['grid'])}), median of {record['repeats']}"
     lines = [head, "  ".join(c.rjust(w) for c, w in zip(columns, widths))]

@@ -15,6 +15,7 @@ import math
 
 # ---- feature extractors ----
 DIGITS_EXTRACTOR = "digits-cnn"  # a small CNN trained on the embedded digits (FID "(digits extractor)")
+SHAPES_EXTRACTOR = "shapes-cnn"  # a small CNN trained on the procedural shapes (FID "(shapes extractor)")
 INCEPTION_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's port of the TF Inception the paper used
 PAPER_EXTRACTOR = INCEPTION_EXTRACTOR  # the extractor whose FID is the paper's number; any other is labelled
 INCEPTION_SPATIAL_EXTRACTOR = "inception-v3-compat-spatial"  # the same network and weights, plus sFID's feature
@@ -25,6 +26,7 @@ DINOV2_EXTRACTOR = "dinov2-vit-l-14"  # the network Stein et al. 2023 recommend;
 # records made with other weights (an earlier version trained them on first use, per machine) by it.
 IN_HOUSE_EXTRACTORS = {
     DIGITS_EXTRACTOR: ("digits", "0614089547d5f8cc09bc564a23f80088d580d5b994cf8fcae7d6339ceb9f3e7a"),
+    SHAPES_EXTRACTOR: ("shapes", "2915191133b1836efb9025879b7fe6e34fc04b9c56be624fbc6fc65b805e50a1"),
 }
 
 
@@ -97,6 +99,7 @@ _CLIP = ("clip",)
 # The features each extractor provides (torch-fidelity's get_provided_features_list, and the harness's own).
 KNOWN_FEATURES = {
     DIGITS_EXTRACTOR: ("64", "logits_unbiased", "logits", SPATIAL_FEATURE),
+    SHAPES_EXTRACTOR: ("64", "logits_unbiased", "logits", SPATIAL_FEATURE),
     INCEPTION_EXTRACTOR: ("64", "192", "768", "2048", "logits_unbiased", "logits"),
     INCEPTION_SPATIAL_EXTRACTOR: ("64", "192", "768", "2048", "logits_unbiased", "logits", SPATIAL_FEATURE),
     **{f"dinov2-vit-{s}-14": ("dinov2",) for s in ("s", "b", "l", "g")},

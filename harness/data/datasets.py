@@ -1,4 +1,5 @@
-"""Data sets: embedded digits, ImageNet-style folders, precomputed latent shards, synthetic tensors.
+"""Data sets: embedded digits, procedural shapes (harness.data.shapes), ImageNet-style folders, precomputed latent
+shards, synthetic tensors.
 
 Every data set hands out whole batches: `get_batch(indices)` returns the stored items (deterministic),
 `augment(x, generator)` applies the per-step randomness drawn only from `generator`, so a resumed run
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from harness.core.vocabulary import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR
+from harness.core.vocabulary import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, SHAPES_EXTRACTOR
+from harness.data import shapes
 from harness.data.codec import DEFAULT_VAE, LATENT_SCALE, Codec, IdentityCodec, VAECodec, encoder_id, vae_geometry
+from harness.data.shapes import ShapesDataset
 
 SPLITS = ("train", "test")
 
@@ -47,6 +50,9 @@ IMAGE_FOLDER_SIZES = (256, 512)  # the paper's resolutions
 DATA_KINDS = {k.name: k for k in (
     DataKind("digits", latent=False, vae_codec=False, encode_every_step=False, needs_path=False, splits=SPLITS,
              extractor=DIGITS_EXTRACTOR, reference=True, size_multiple=DIGITS_SIZE_MULTIPLE, heldout="test"),
+    # Procedural colour shapes: an unlimited training stream (no image repeats), a fixed held-out test set.
+    DataKind("shapes", latent=False, vae_codec=False, encode_every_step=False, needs_path=False, splits=SPLITS,
+             extractor=SHAPES_EXTRACTOR, reference=True, sizes=shapes.SIZES, heldout="test"),
     DataKind("imagefolder", latent=True, vae_codec=True, encode_every_step=True, needs_path=True,
              splits=("train",), extractor=INCEPTION_EXTRACTOR, reference=True, sizes=IMAGE_FOLDER_SIZES),
     DataKind("latents", latent=True, vae_codec=True, encode_every_step=False, needs_path=True,
@@ -431,6 +437,17 @@ def _digits_problems(data_cfg) -> list[str]:
     return problems
 
 
+def _shapes_problems(data_cfg) -> list[str]:
+    problems = []
+    if data_cfg.num_classes != shapes.NUM_CLASSES:
+        problems.append(f"shapes has {shapes.NUM_CLASSES} classes, config says data.num_classes="
+                        f"{data_cfg.num_classes}; allowed: {shapes.NUM_CLASSES}")
+    if data_cfg.channels != shapes.CHANNELS:
+        problems.append(f"shapes has {shapes.CHANNELS} channels (colour), config says data.channels="
+                        f"{data_cfg.channels}; allowed: {shapes.CHANNELS}")
+    return problems
+
+
 def _synthetic_problems(data_cfg) -> list[str]:
     if getattr(data_cfg, "synthetic_count", 1) < 1:
         return [f"data.synthetic_count must be positive, got {data_cfg.synthetic_count}"]
@@ -469,6 +486,7 @@ def _latents_problems(data_cfg) -> list[str]:
 # The checks only one kind needs, after the shared ones (size, classes, path).
 _KIND_PROBLEMS = {
     "digits": _digits_problems,
+    "shapes": _shapes_problems,
     "synthetic": _synthetic_problems,
     "imagefolder": _imagefolder_problems,
     "latents": _latents_problems,
@@ -529,6 +547,8 @@ def build_dataset(data_cfg, split: str = "train"):
         )
     if kind.name == "digits":
         return DigitsDataset(split, data_cfg.image_size)
+    if kind.name == "shapes":
+        return ShapesDataset(split, data_cfg.image_size)
     if kind.name == "synthetic":
         channels, size = model_input_shape(data_cfg)
         return SyntheticDataset(data_cfg.synthetic_count, (channels, size, size), data_cfg.num_classes,
@@ -575,7 +595,7 @@ def unique_images(dataset) -> int | None:
 
 
 def model_input_shape(data_cfg) -> tuple[int, int]:
-    """Returns (in_channels, input_size) of what the DiT sees: pixels for digits, VAE latents otherwise."""
+    """Returns (in_channels, input_size) of what the DiT sees: pixels for digits and shapes, VAE latents otherwise."""
     kind = data_kind(data_cfg.name)
     if not kind.latent:
         return data_cfg.channels, data_cfg.image_size
@@ -589,7 +609,7 @@ def model_input_shape(data_cfg) -> tuple[int, int]:
 
 def build_codec(data_cfg, device="cpu") -> Codec:
     """Returns the codec between pixels and what the DiT sees: the SD VAE for kinds trained on its latents,
-    the identity otherwise (digits pixels; synthetic tensors, already latent-shaped)."""
+    the identity otherwise (digits and shapes pixels; synthetic tensors, already latent-shaped)."""
     if data_kind(data_cfg.name).vae_codec:
         return VAECodec(data_cfg.vae, device=device)
     return IdentityCodec(model_input_shape(data_cfg)[0])

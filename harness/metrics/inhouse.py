@@ -1,6 +1,8 @@
 """Feature extractors trained in-house, for data sets Inception does not measure: `digits-cnn` for the embedded
-digits (and one per embedded data kind). Each is a small classifier whose pooled features give FID, KID and
-precision/recall, whose logits give IS, and whose middle feature map gives sFID, registered with torch-fidelity.
+digits, `shapes-cnn` for the procedural shapes (one per embedded data kind). Each is a small classifier whose pooled
+features give FID, KID and precision/recall, whose logits give IS, and whose middle feature map gives sFID,
+registered with torch-fidelity. `shapes-cnn` also learnt, through a head used only in training, to regress each
+image's colours, position and size, so its features see a model that gets them wrong.
 
 Their weights ship with the package (`harness/metrics/weights/<name>.pt`) and are pinned by a content hash
 (`Spec.weights_sha256`), so the same samples give the same FID on every machine: the weights were trained once by
@@ -12,6 +14,7 @@ A metric measured with one of these is not comparable to an Inception one, so it
 extractor knows: "FID (digits extractor)", "sFID (digits extractor)", ... (harness.core.vocabulary.metric_label).
 
     python -m harness.metrics.inhouse train digits-cnn            # retrain (deterministic recipe), print the hash
+    python -m harness.metrics.inhouse train shapes-cnn
     python -m harness.metrics.inhouse check                        # every shipped file against its pinned hash
 """
 
@@ -34,8 +37,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from harness.core import cli
 from harness.core.runfolder import atomic_write_bytes
-from harness.core.vocabulary import DIGITS_EXTRACTOR, IN_HOUSE_EXTRACTORS, SPATIAL_FEATURE
-from harness.data import datasets
+from harness.core.vocabulary import DIGITS_EXTRACTOR, IN_HOUSE_EXTRACTORS, SHAPES_EXTRACTOR, SPATIAL_FEATURE
+from harness.data import datasets, shapes
 from harness.data.datasets import to_uint8_rgb
 from harness.metrics.frechet import spatial_feature
 
@@ -58,6 +61,37 @@ def _digits_images(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     return to_uint8_rgb(images), labels.numpy().astype(np.int64)
 
 
+# shapes-cnn learns from a fixed prefix of the unlimited training stream, and is scored on the held-out test set.
+SHAPES_EXTRACTOR_TRAIN_IMAGES = 30_000
+
+
+def _shapes_indices(split: str) -> tuple[str, np.ndarray]:
+    """Returns (the shapes stream, its indices) an extractor's split reads: the first training images, or the whole
+    held-out set."""
+    if split == "train":
+        return "train", np.arange(SHAPES_EXTRACTOR_TRAIN_IMAGES)
+    return "test", np.arange(shapes.HELDOUT_COUNT)
+
+
+def _shapes_images(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (uint8 images (N, H, W, 3), labels int64) of the shapes an extractor trains ('train') or is scored on."""
+    stream, idx = _shapes_indices(split)
+    return shapes.render(shapes.SEED, stream, idx, size)
+
+
+def _shapes_aux(split: str) -> np.ndarray:
+    """Returns the auxiliary regression targets (N, 10) float32 of `_shapes_images(split, .)`, each about [-1, 1]:
+    foreground RGB, background RGB, centre x and y, scale, and the class's own shape parameter. Regressing them
+    makes the pooled features carry colour, position and size, which a shape classifier alone would discard, so a
+    model that gets colours or placement wrong is far from the data in FID."""
+    stream, idx = _shapes_indices(split)
+    p = shapes.image_params(shapes.SEED, stream, idx)
+    lo, hi = shapes.SCALE_RANGE
+    cols = [2 * p["fg"] - 1, 2 * p["bg"] - 1, 4 * (p["cx"][:, None] - 0.5), 4 * (p["cy"][:, None] - 0.5),
+            (2 * p["scale"][:, None] - lo - hi) / (hi - lo), 2 * p["shape"][:, None] - 1]
+    return np.concatenate(cols, axis=1).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Spec:
     """One in-house extractor: what it reads, how it was trained, and the hash its shipped weights must have."""
@@ -68,7 +102,12 @@ class Spec:
     size: int  # input resolution; other resolutions are resized to it
     num_classes: int
     images: Callable[[str, int], tuple[np.ndarray, np.ndarray]]  # (split, size) -> (uint8 N x H x W x 3, labels)
-    recipe: tuple  # ((key, value), ...): epochs, batch, lr, seed of the deterministic training
+    # ((key, value), ...): epochs, batch, lr, seed (and aux_weight, label_smoothing if set) of the deterministic run
+    recipe: tuple
+    # split -> auxiliary regression targets (N, aux_dim) of the same images, learnt by a head used only in training
+    # (its weights are not shipped); None: the class labels alone.
+    aux: Callable[[str], np.ndarray] | None = None
+    aux_dim: int = 0
 
     @property
     def weights_sha256(self) -> str:
@@ -84,6 +123,10 @@ class Spec:
 SPECS = {s.name: s for s in (
     Spec(DIGITS_EXTRACTOR, data="digits", in_channels=1, size=16, num_classes=10, images=_digits_images,
          recipe=(("epochs", 10), ("batch", 64), ("lr", 1e-2), ("seed", 0))),
+    Spec(SHAPES_EXTRACTOR, data="shapes", in_channels=3, size=16, num_classes=shapes.NUM_CLASSES,
+         images=_shapes_images, aux=_shapes_aux, aux_dim=10,
+         recipe=(("epochs", 12), ("batch", 128), ("lr", 1e-2), ("seed", 0), ("aux_weight", 1.0),
+                 ("label_smoothing", 0.1))),
 )}
 
 
@@ -95,9 +138,11 @@ def spec(name: str) -> Spec:
 
 
 class SmallCNN(nn.Module):
-    """Small classifier: three conv layers, global average pooling (the feature), a linear head."""
+    """Small classifier: three conv layers, global average pooling (the feature), a linear head; optionally an
+    auxiliary linear head on the same feature, used only in training (aux_dim 0: none, the digits extractor's
+    layout, so its state dict is what it always was)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, aux_dim: int = 0):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # S -> S/2
@@ -106,6 +151,8 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
+        # Created after the rest: the other layers draw the same initial weights with or without it.
+        self.aux = nn.Linear(FEATURE_DIM, aux_dim) if aux_dim else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (features (N, 64), logits (N, classes)) of images (N, C, S, S) in [-1, 1]."""
@@ -207,16 +254,20 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 def train(s: Spec) -> dict:
     """Trains a fresh SmallCNN by the spec's recipe (deterministic on one CPU thread, seconds) and returns the
     checkpoint to ship: {"model", "in_channels", "size", "num_classes", "heldout_accuracy" (fraction), "num_train",
-    "num_heldout", "recipe", "weights_sha256"}. The bytes depend on the CPU's kernels: ship them, never retrain."""
+    "num_heldout", "recipe", "weights_sha256"}. The loss is cross-entropy (with the recipe's label_smoothing, if any:
+    on separable data it bounds the logits, which otherwise grow into the hundreds and make IS of poor samples
+    NaN), plus aux_weight x the mean squared error of the auxiliary targets when the spec has them; the auxiliary
+    head is left out of the shipped state. The bytes depend on the CPU's kernels: ship them, never retrain."""
     recipe = dict(s.recipe)
     x_train, y_train = s.images("train", s.size)
     x_test, y_test = s.images("test", s.size)
+    aux_train = torch.from_numpy(s.aux("train")) if s.aux is not None else None
     # Train on what the extractor will see: uint8 images through the extractor's own preprocessing.
     u_train = torch.from_numpy(x_train).permute(0, 3, 1, 2)
     u_test = torch.from_numpy(x_test).permute(0, 3, 1, 2)
     y_train_t, y_test_t = torch.from_numpy(y_train), torch.from_numpy(y_test)
     with _deterministic(recipe["seed"]):
-        net = SmallCNN(s.in_channels, s.num_classes)
+        net = SmallCNN(s.in_channels, s.num_classes, s.aux_dim)
         opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
         steps_per_epoch = -(-len(u_train) // recipe["batch"])
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"],
@@ -224,8 +275,10 @@ def train(s: Spec) -> dict:
         x_all = preprocess(u_train, s.in_channels, s.size)
         for _ in range(recipe["epochs"]):
             for idx in torch.randperm(len(u_train)).split(recipe["batch"]):
-                _, logits = net(x_all[idx])
-                loss = F.cross_entropy(logits, y_train_t[idx])
+                feat, logits = net(x_all[idx])
+                loss = F.cross_entropy(logits, y_train_t[idx], label_smoothing=recipe.get("label_smoothing", 0.0))
+                if aux_train is not None:
+                    loss = loss + recipe["aux_weight"] * F.mse_loss(net.aux(feat), aux_train[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -233,7 +286,7 @@ def train(s: Spec) -> dict:
         net.eval()
         with torch.no_grad():
             _, logits = net(preprocess(u_test, s.in_channels, s.size))
-    state = net.state_dict()
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("aux.")}
     return {"model": state, "in_channels": s.in_channels, "size": s.size, "num_classes": s.num_classes,
             "heldout_accuracy": float((logits.argmax(1) == y_test_t).float().mean()),
             "num_train": len(u_train), "num_heldout": len(u_test), "recipe": repr(s.recipe),
@@ -264,8 +317,9 @@ def extractor_info(name: str) -> dict:
     if name not in _INFO:
         s = spec(name)
         ckpt = _load_checked(s)
-        if name not in FEATURE_EXTRACTORS_REGISTRY:
-            register_feature_extractor(name, InHouseFeatureExtractor)
+        for known in SPECS:  # all of them: registering loads nothing, and the registry then lists every one
+            if known not in FEATURE_EXTRACTORS_REGISTRY:
+                register_feature_extractor(known, InHouseFeatureExtractor)
         _INFO[name] = {"name": name, "weights_sha256": s.weights_sha256, "weights": "shipped",
                        "heldout_accuracy": float(ckpt["heldout_accuracy"]), "feature_dim": FEATURE_DIM,
                        "weights_path": str(s.weights_path), "num_train": int(ckpt["num_train"]),

@@ -17,6 +17,7 @@ from PIL import Image
 
 from harness.data import datasets
 from harness.data.datasets import to_uint8_rgb
+from harness.data.shapes import ShapesDataset
 
 
 def cache_dir() -> Path:
@@ -55,23 +56,31 @@ def reference_stats_id(images_uint8: np.ndarray, data_name: str, split: str, ext
 def reference_images(data_cfg, split: str = "test", max_images: int | None = None) -> np.ndarray:
     """Return the reference set of a data config as uint8 (N, H, W, 3).
 
-    digits: the split at data_cfg.image_size. imagefolder: the training images (ADM's reference is the
-    training set; other splits are refused), ADM centre crop to data_cfg.image_size. max_images keeps a
-    fixed seeded subset, in data set order.
+    digits: the split at data_cfg.image_size. shapes: the held-out test set (its training split is an unlimited
+    stream; other splits are refused). imagefolder: the training images (ADM's reference is the training set; other
+    splits are refused), ADM centre crop to data_cfg.image_size. max_images keeps a fixed seeded subset, in data set
+    order.
     """
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images={max_images} must be positive or None")
-    if data_cfg.name not in ("digits", "imagefolder"):
-        raise ValueError(f"no reference images for data={data_cfg.name!r}: allowed 'digits', 'imagefolder' "
+    if data_cfg.name not in ("digits", "shapes", "imagefolder"):
+        raise ValueError(f"no reference images for data={data_cfg.name!r}: allowed 'digits', 'imagefolder', 'shapes' "
                          "(pass synthetic references to compute_metrics directly)")
+    if data_cfg.name == "shapes" and split != "test":
+        raise ValueError(f"shapes reference split {split!r} not allowed; allowed: 'test' (the training split is an "
+                         "unlimited stream: set eval.reference_split=test, as conf/eval/shapes.yaml does)")
     return _uint8_images(datasets.build_dataset(data_cfg, split), data_cfg, max_images)
 
 
 def floor_images(data_cfg, reference_split: str, max_images: int | None = None) -> tuple[np.ndarray, str] | None:
     """Return (real images other than the reference set, as uint8 (N, H, W, 3), their split): what a metric's
     floor is measured with (the metric of real images against the reference statistics). digits: the split that
-    is not the reference; an image folder whose reference is its training set: its held-out folder (val/). None
+    is not the reference; shapes: its floor stream (FLOOR_COUNT images from their own seed stream, neither trained
+    on nor the reference); an image folder whose reference is its training set: its held-out folder (val/). None
     when the data set has no such images (latent shards, a reference batch from elsewhere)."""
+    if data_cfg.name == "shapes":
+        floor = ShapesDataset("floor", int(data_cfg.image_size))
+        return _uint8_images(floor, data_cfg, max_images), "floor"
     if data_cfg.name == "digits":
         split = "train" if reference_split == "test" else "test"
         return _uint8_images(datasets.build_dataset(data_cfg, split), data_cfg, max_images), split
@@ -90,6 +99,8 @@ def _uint8_images(ds, data_cfg, max_images: int | None) -> np.ndarray:
         keep = np.sort(np.random.default_rng(0).choice(len(ds), max_images, replace=False))
     if data_cfg.name == "digits":
         return to_uint8_rgb(ds.images[torch.from_numpy(keep)])
+    if data_cfg.name == "shapes":  # rendered as uint8: no float round trip
+        return ds.uint8_images(keep)
     size = int(data_cfg.image_size)
     out = np.empty((len(keep), size, size, 3), dtype=np.uint8)
     for j, i in enumerate(keep):

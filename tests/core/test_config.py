@@ -70,7 +70,9 @@ def data_paths(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_of_every_group_composes_and_validates(group, option, data_paths):
     extra = [f"data.path={data_paths[option]}"] if group == "data" and option in data_paths else []
-    if group == "eval" and option != "digits":  # the ImageNet protocols (fid50k_cfg guides 3 latent channels)
+    if group == "eval" and option == "shapes":  # the shapes preset reads the shapes' held-out split
+        extra = ["data=shapes"]
+    elif group == "eval" and option != "digits":  # the ImageNet protocols (fid50k_cfg guides 3 latent channels)
         extra = ["data=latents256", f"data.path={data_paths['latents256']}"]
     cfg = compose([f"{group}={option}", *extra])
     assert cell.validate(cfg) == [], (group, option)
