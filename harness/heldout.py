@@ -59,13 +59,13 @@ class ValidationSet:
 
 
 def validation_set(cfg: Any, objective, codec=None, device: torch.device | str = "cpu",
-                   train_dataset=None, training_images: bool = False) -> ValidationSet:
+                   train_dataset=None, training_images: bool = False, num_images: int | None = None) -> ValidationSet:
     """Returns the cell's validation set: train.val_images held-out images (default: the split, at most
-    DEFAULT_VAL_IMAGES; a fixed training batch
-    when the data set has no held-out split: `train_dataset`, built here when not given), train.val_times times,
-    fixed noise. `codec` encodes pixels (the kinds the paper encodes every step); None: inputs are final.
-    `training_images`: the same estimator on a fixed batch of training images (what the held-out loss is compared
-    with to see how much of a loss is memorisation)."""
+    DEFAULT_VAL_IMAGES; a fixed training batch when the data set has no held-out split: `train_dataset`, built here
+    when not given), train.val_times times, fixed noise. `codec` encodes pixels (the kinds the paper encodes every
+    step); None: inputs are final. `training_images`: the same estimator on a fixed batch of training images (what
+    the held-out loss is compared with to see how much of a loss is memorisation); `num_images` overrides the
+    count."""
     found = None if training_images else datasets.heldout_dataset(cfg.data)
     if found is not None:
         dataset, split, heldout = *found, True
@@ -73,7 +73,7 @@ def validation_set(cfg: Any, objective, codec=None, device: torch.device | str =
         dataset = train_dataset if train_dataset is not None else datasets.build_dataset(cfg.data, "train")
         split, heldout = "train", False
     g = torch.Generator().manual_seed(VAL_SEED)
-    n = min(int(getattr(cfg.train, "val_images", None) or DEFAULT_VAL_IMAGES), len(dataset))
+    n = min(int(num_images or getattr(cfg.train, "val_images", None) or DEFAULT_VAL_IMAGES), len(dataset))
     idx = torch.randperm(len(dataset), generator=g)[:n]
     x, y = dataset.get_batch(idx)
     x = dataset.fixed(x, g)

@@ -363,10 +363,10 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
     ckpt_dir = run_dir / "checkpoints"
     micro, accum = stepper.micro, stepper.accum
     vs = heldout.validation_set(cfg, objective, codec, env.device, train_dataset=dataset)
-    # At evaluation steps the same estimator also reads a fixed batch of training images: the gap between the two
-    # is what the model memorised.
-    seen = heldout.validation_set(cfg, objective, codec, env.device, train_dataset=dataset, training_images=True) \
-        if vs.heldout else None
+    # At the last step the same estimator also reads as many training images: the gap between the two losses is
+    # what the model memorised (once per cell: it costs as much as a validation).
+    seen = heldout.validation_set(cfg, objective, codec, env.device, train_dataset=dataset, training_images=True,
+                                  num_images=vs.x.shape[0]) if vs.heldout else None
     progress.unique_images = unique_images(dataset)
     per_rank = micro * accum
     lo = env.rank * per_rank
@@ -415,8 +415,7 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
             if is_log or stopping:
                 _log(run_dir, env, progress, window, stepper.opt, bar, run)
             if step % tcfg.val_every == 0 or step in keep_steps or step == tcfg.steps:
-                _validate(run_dir, env, progress, stepper, objective, vs, run,
-                          seen if step in keep_steps or step == tcfg.steps else None)
+                _validate(run_dir, env, progress, stepper, objective, vs, run, seen if step == tcfg.steps else None)
             if is_ckpt or stopping:
                 _save(cfg, env, ckpt_dir, progress, stepper, data_state, keep_steps)
                 if env.is_main:
