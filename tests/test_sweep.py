@@ -154,8 +154,7 @@ def relaunch_upgraded(monkeypatch, out_dir, *overrides) -> int:
     """Runs the sweep in this process as a harness whose schema is helpers.ConfigPlus would; returns its code."""
     store = ConfigStore.instance()
     store.store(name="schema", node=ConfigPlus)
-    monkeypatch.setattr(cell, "Config", ConfigPlus)
-    monkeypatch.setattr(config, "Config", ConfigPlus)
+    monkeypatch.setattr(config, "Config", ConfigPlus)  # the schema identity() reads
     try:
         return sweep_in_process(monkeypatch, out_dir, *overrides)
     finally:

@@ -162,7 +162,7 @@ def upgraded(cfg):
 
 def test_a_new_defaulted_field_or_section_renames_no_cell(monkeypatch):
     before = {o: cell.cell_id(compose(list(o))) for o in GOLDEN_IDS}
-    monkeypatch.setattr(cell, "Config", ConfigPlus)
+    monkeypatch.setattr(config, "Config", ConfigPlus)  # the schema identity() reads
     after = {o: cell.cell_id(upgraded(compose(list(o)))) for o in GOLDEN_IDS}
     assert after == before == GOLDEN_IDS
     # ...while a value of the new field that changes what is trained is a new cell
@@ -211,8 +211,8 @@ def test_upgraded_schema_reads_an_old_run_folders_config(tmp_path, monkeypatch):
     """A run folder written before the new fields existed loads with them at their defaults, same id."""
     cfg = compose(["sweeps=demo", "model=demo-S", "patch=2", f"out_dir={tmp_path}"])
     run = cell.prepare_run_dir(cfg)
-    monkeypatch.setattr(cell, "Config", ConfigPlus)
-    monkeypatch.setattr(config, "Config", ConfigPlus)
+    monkeypatch.setattr(cell, "Config", ConfigPlus)  # the schema load_run_config reads onto
+    monkeypatch.setattr(config, "Config", ConfigPlus)  # the schema identity() reads
     loaded = cell.load_run_config(run, [])
     assert loaded.train.warmup_steps == 0 and cell.cell_id(loaded) == run.name == GOLDEN_IDS[
         ("sweeps=demo", "model=demo-S", "patch=2")]
