@@ -14,6 +14,11 @@ same samples), never a second record; one made with other settings is never over
 
 from __future__ import annotations
 
+# --help answers before anything heavy is imported (torch, Hydra's loader): in well under a second.
+from harness.core.help import exit_with_help_if_asked
+
+exit_with_help_if_asked("evaluate", __name__)
+
 import dataclasses
 import hashlib
 import importlib.metadata

@@ -16,9 +16,15 @@ the multirun then exits non-zero naming it.
 
 from __future__ import annotations
 
+# --help answers before anything heavy is imported (torch, Hydra's loader): in well under a second.
+from harness.core.help import exit_with_help_if_asked
+
+exit_with_help_if_asked("sweep", __name__)
+
 import copy
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -520,8 +526,17 @@ def preflight(argv: list[str]) -> None:
         cli.fail(e)
 
 
+# Hydra's own flags that run no sweep (shell completion, its help, what a config composes to): handed to Hydra as
+# they are.
+HYDRA_FLAGS = ("-sc", "--shell-completion", "--hydra-help", "--info", "-i", "--cfg", "-c")
+
 if __name__ == "__main__":
-    if "-m" not in sys.argv and "--multirun" not in sys.argv:
-        sys.argv.insert(1, "--multirun")  # the sweep is always a multirun, even of one cell
-    preflight(sys.argv[1:])
+    # Hydra's completion strips `python script.py` from the line it completes, not `python -m module`: the module
+    # is named as the script path (as long, so the cursor position stays right).
+    if "-m harness.sweep" in os.environ.get("COMP_LINE", ""):
+        os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace("-m harness.sweep", "harness/sweep.py", 1)
+    if not any(a in HYDRA_FLAGS for a in sys.argv[1:]):
+        if "-m" not in sys.argv and "--multirun" not in sys.argv:
+            sys.argv.insert(1, "--multirun")  # the sweep is always a multirun, even of one cell
+        preflight(sys.argv[1:])
     main()

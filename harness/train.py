@@ -14,6 +14,11 @@ number of processes.
 
 from __future__ import annotations
 
+# --help answers before anything heavy is imported (torch, Hydra's loader): in well under a second.
+from harness.core.help import exit_with_help_if_asked
+
+exit_with_help_if_asked("train", __name__)
+
 import copy
 import logging
 import math

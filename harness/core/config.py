@@ -34,7 +34,10 @@ from harness.core.cli import BadInput
 # One home for the repository's folders: the Hydra config tree and the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
+SWEEPS_DIR = REPO_ROOT / "sweeps"  # the named grids: options of the config group `sweeps`
 
+PATCH_SIZES = (2, 4, 8)  # the paper's patch sizes (Table 4)
+CONDS = ("in_context", "cross_attn", "adaln", "adaln_zero")  # the conditioning variants (paper Fig 3, 5)
 PRECISIONS = ("auto", "fp32", "bf16")
 DDPM_SAMPLERS = ("ddpm", "ddim")
 FLOW_SAMPLERS = ("euler", "heun", "sde")
@@ -294,9 +297,28 @@ def training_settings(cfg: Any) -> dict:
 
 
 def register_configs() -> None:
-    """Register the schema so conf/config.yaml composes onto typed nodes."""
+    """Register the schema so conf/config.yaml composes onto typed nodes, and each named grid of sweeps/ as an option
+    of the group `sweeps` (at the config's root, as its `# @package _global_` header says): Hydra finds them without
+    a search path over the repository."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    for path in named_sweeps():
+        cs.store(group="sweeps", name=path.stem, node=OmegaConf.load(path), package="_global_", provider="harness")
+
+
+def named_sweeps() -> list[Path]:
+    """Returns the files of the named grids (sweeps/*.yaml), sorted by name."""
+    return sorted(SWEEPS_DIR.glob("*.yaml"))
+
+
+def sweep_description(path: Path) -> str:
+    """Returns a named grid's one-line description: the first sentence of its header comment."""
+    lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
+    text = " ".join(ln for ln in lines if not ln.startswith("@package"))
+    for end in (". ", "? "):
+        if end in text:
+            text = text[: text.index(end) + 1]
+    return text
 
 
 register_configs()

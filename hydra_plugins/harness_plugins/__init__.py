@@ -1,21 +1,17 @@
-"""Hydra plugins of the harness: the `sweeps/` folder on the search path and the grid sweeper.
+"""Hydra plugin of the harness: the grid sweeper.
 
-Hydra discovers plugins by importing the `hydra_plugins` namespace package; keep this import light.
+Hydra discovers plugins by importing the `hydra_plugins` namespace package; keep this import light. The named grids
+of `sweeps/` are not found through a search path: harness.core.config registers each with Hydra's ConfigStore as an
+option of the group `sweeps`, so Hydra's search path holds conf/ and nothing else of the repository (a search path
+at the repository root exposed every folder under it, .venv/ and outputs/ included, to --help and completion).
 """
 
 from dataclasses import dataclass, field
 
-from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
-from hydra.plugins.search_path_plugin import SearchPathPlugin
 from hydra.plugins.sweeper import Sweeper
 
-from harness.core.config import REPO_ROOT  # its `sweeps/` folder becomes the config group `sweeps` (named grids)
-
-
-class HarnessSearchPath(SearchPathPlugin):
-    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        search_path.append(provider="harness-sweeps", path=f"file://{REPO_ROOT}")
+import harness.core.config  # noqa: F401 - registers the schema and the named grids with Hydra's ConfigStore
 
 
 class GridSweeper(Sweeper):
