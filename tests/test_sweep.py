@@ -19,7 +19,7 @@ from helpers import TINY_CELL, ConfigPlus
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from harness import cell, status, sweep
+from harness import status, sweep
 from harness.cell import load_run_config
 from harness.core import checkpoint, config
 from harness.core.config import Config
