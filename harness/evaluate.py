@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import heldout
+from harness import heldout, tracking
 from harness.cell import (
     autocast_for,
     build_model,
@@ -53,11 +53,12 @@ from harness.core.runfolder import append_jsonl, atomic_write_json, read_json, r
 from harness.core.vocabulary import METRIC_OF_KEY, weights_id
 from harness.data.datasets import build_codec, data_kind
 from harness.model import dit
-from harness.sample import SAMPLE_KEYS, sample_to_npz, save_pngs
+from harness.sample import SAMPLE_KEYS, sample_to_npz, save_grid, save_pngs
 
 log = logging.getLogger(__name__)
 
 EVALS_DIR = "evals"
+GRID_FILE = "grid.png"  # beside an evaluation's samples: its first samples as one image (harness.sample.save_grid)
 # Not a setting of the record: the metrics asked for (a record is completed with the missing ones).
 METRICS_KEY = "metrics"
 _EVAL_FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
@@ -166,7 +167,7 @@ def _validated_or_gone(run_dir: Path, step: int) -> bool:
     return validation_done(run_dir, step) or not checkpoint.ckpt_path(Path(run_dir) / "checkpoints", step).exists()
 
 
-def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
+def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None, run=None) -> dict:
     """Samples from the checkpoint at `step`, computes the metrics, writes and returns the record; measures the
     checkpoint's validation loss when metrics.jsonl has none at that step (`validate_step`).
 
@@ -191,12 +192,15 @@ def evaluate(cfg: Any, step: int, run_dir: str | Path | None = None) -> dict:
         record_path, existing = record_for(cfg, run_dir, step)  # again: another process may have just written it
         todo = missing_metrics(cfg, existing)
         record = existing if existing is not None and not todo else \
-            _evaluate(cfg, step, run_dir, env, record_path, existing, todo)
-        validate_step(cfg, step, run_dir, env)
+            _evaluate(cfg, step, run_dir, env, record_path, existing, todo, run)
+        line = validate_step(cfg, step, run_dir, env)
+        if line is not None:
+            tracking.log_line(run, line, "val")
     return record
 
 
-def _evaluate(cfg, step: int, run_dir: Path, env, record_path: Path, existing: dict | None, todo: list[str]) -> dict:
+def _evaluate(cfg, step: int, run_dir: Path, env, record_path: Path, existing: dict | None, todo: list[str],
+              run=None) -> dict:
     # Here, not at the top: torch-fidelity and the torchvision it loads take seconds to import, and the sweep
     # imports this module to plan (it asks which evaluations are done) long before anything is measured.
     from harness.metrics import fidelity
@@ -224,8 +228,11 @@ def _evaluate(cfg, step: int, run_dir: Path, env, record_path: Path, existing: d
         wall_s = time.perf_counter() - t0
         new = _new_record(cfg, step, run_dir, npz, samples, m, todo, wall_s, env)
         new["floor"] = floor
+        grid = save_grid(npz, samples_dir / GRID_FILE)
+        new["samples_grid"] = str(grid.relative_to(run_dir))
         record = _merge(existing, new, todo)
         atomic_write_json(record_path, record)
+        tracking.log_evaluation(run, record, grid)
         if cfg.eval.save_png:
             save_pngs(npz, samples_dir / "png", limit=64)
     distributed.barrier()
@@ -362,7 +369,14 @@ def evaluate_cell(cfg: Any, run_dir: str | Path | None = None) -> list[dict]:
     if missing:
         log.warning("%s: no checkpoint for configured evaluation steps %s (have %s); skipped",
                     run_dir.name, missing, sorted(have))
-    return [evaluate(cfg, s, run_dir) for s in eval_steps(cfg) if s in have]
+    todo = [s for s in eval_steps(cfg) if s in have and not evaluation_done(cfg, run_dir, s)]
+    # One wandb run (the cell's, resumed by its id) for every evaluation of this call, opened only if one is due.
+    run = tracking.open_run(cfg, run_dir, "evaluate") if todo and distributed.is_main_process() else None
+    try:
+        return [evaluate(cfg, s, run_dir, run) for s in eval_steps(cfg) if s in have]
+    finally:
+        if run is not None:
+            run.finish()
 
 
 def versions() -> dict:

@@ -69,6 +69,7 @@ class Report:
     not_written: list[str] = field(default_factory=list)
     correlation: dict | None = None
     last: pd.DataFrame | None = None  # each cell's last evaluation (last_evaluations)
+    table: pd.DataFrame | None = None  # the results table the report was made from
 
 
 @dataclass
@@ -594,7 +595,7 @@ def build_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: s
     if not_written:
         md[2:2] = [f"Not written, see below: {', '.join(not_written)}.", ""]
     path = _write_text(out / "report.md", "\n".join(md))
-    return Report(path=path, not_written=not_written, correlation=ctx.correlation, last=last_evaluations(df))
+    return Report(path=path, not_written=not_written, correlation=ctx.correlation, last=last_evaluations(df), table=df)
 
 
 def write_report(sweep_dirs, out_dir: str | os.PathLike | None = None, metric: str = "fid",

@@ -12,6 +12,7 @@ batch size, and a killed run resumes shard by shard without changing a pixel.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ from harness.cell import load_cell_model, load_run_config, sampler_problems
 from harness.core import cli, distributed
 from harness.core.checkpoint import checkpoint_source
 from harness.core.config import DDPM_SAMPLERS, LABEL_SAMPLINGS, SAMPLERS, EvalConfig
-from harness.core.runfolder import atomic_open, atomic_write_json, read_json
+from harness.core.runfolder import atomic_open, atomic_write_bytes, atomic_write_json, read_json
 from harness.data.codec import VAECodec, vae_geometry
 from harness.data.datasets import to_uint8_rgb
 from harness.diffusion import create_diffusion, create_flow, guided_model_fn
@@ -235,6 +236,32 @@ def save_pngs(npz_path: str | Path, out_dir: str | Path, limit: int | None = Non
     for i in range(n):
         Image.fromarray(arr[i]).save(out_dir / f"{i:06d}.png")
     return n
+
+
+GRID_SAMPLES = 64  # the first samples of an evaluation drawn as its grid (labels and noise fixed by eval.seed)
+GRID_PER_ROW = 8
+GRID_MIN_PIXELS = 64  # small images are scaled up (nearest neighbour) to at least this many pixels a side
+
+
+def save_grid(npz_path: str | Path, path: str | Path, n: int = GRID_SAMPLES, per_row: int = GRID_PER_ROW) -> Path:
+    """Writes the first `n` samples of an npz as one PNG grid (`per_row` a row, 2-pixel gaps, small images scaled
+    up by an integer factor) atomically; returns its path. Sample i of every cell of a sweep has the same label and
+    initial noise (both drawn from (eval.seed, i)), so two cells' grids compare image by image."""
+    with np.load(npz_path) as f:
+        arr = f["arr_0"][:n]
+    k, h, w, _ = arr.shape
+    scale = max(1, -(-GRID_MIN_PIXELS // max(h, w)))
+    arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    rows, gap = -(-k // per_row), 2
+    ch, cw = arr.shape[1] + gap, arr.shape[2] + gap
+    canvas = np.full((rows * ch + gap, min(k, per_row) * cw + gap, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(arr):
+        r, c = divmod(i, per_row)
+        canvas[gap + r * ch: gap + r * ch + img.shape[0], gap + c * cw: gap + c * cw + img.shape[1]] = img
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def load_released(path: str | Path, args: argparse.Namespace, device: torch.device):

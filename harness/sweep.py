@@ -38,6 +38,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from harness import tracking
 from harness.cell import (
     cell_facts,
     cell_id,
@@ -220,7 +221,7 @@ class GridSweep:
 
         failed = [f"{r['cell_id']}: {value.get('reason')}" for (_, _, r), value in outcomes
                   if value.get("state") != "finished"]
-        unwritten = _write_report(sweep_dir) if self.config.report else []
+        unwritten = _write_report(sweep_dir, self.config) if self.config.report else []
         if failed:  # a run's outcome, not bad input: one line per failed cell, each with its reason
             print(f"error: {len(failed)} cell(s) failed (see their status.json):\n  - " + "\n  - ".join(failed),
                   file=sys.stderr, flush=True)
@@ -399,9 +400,10 @@ def _record_sweep(sweep_dir: Path, config: DictConfig, ids: list[str]) -> None:
         atomic_write_json(sweep_dir / "sweep.json", meta)
 
 
-def _write_report(sweep_dir: Path) -> list[str]:
+def _write_report(sweep_dir: Path, config: DictConfig) -> list[str]:
     """Writes the report, prints each cell's last evaluation, the paths of the table and the FID-vs-Gflops
-    figure and the measured correlation; returns the names of what could not be written (never raises)."""
+    figure and the measured correlation, logs the results table to wandb once; returns the names of what could
+    not be written (never raises)."""
     # Here, not at the top: the analysis stack (pandas, scipy, matplotlib) takes seconds to import, and the plan
     # of a grid must be instant; it is needed only once the cells are done.
     from harness.report import build_report
@@ -424,6 +426,11 @@ def _write_report(sweep_dir: Path) -> list[str]:
         print(f"{corr['label']} vs Gflops at step {corr['step']} over {corr['n']} cells: Spearman "
               f"{corr['spearman']:.3f}, Pearson(FID, log10 Gflops) {corr['pearson_log10_gflops']:.3f} (paper: -0.93)",
               flush=True)
+    try:
+        tracking.log_results_table(config, sweep_dir, report.table)
+    except Exception as e:  # noqa: BLE001 - tracking must never fail a finished sweep
+        log.error("the results table could not be logged to wandb: %s", e)
+        return [*report.not_written, "the wandb results table"]
     return report.not_written
 
 

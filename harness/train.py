@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from harness import heldout
+from harness import heldout, tracking
 from harness.cell import (
     autocast_for,
     build_model,
@@ -395,7 +395,7 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
                        images_at_start=progress.images_seen)
     bar = tqdm(total=tcfg.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not env.is_main or bool(os.environ.get("HARNESS_NO_BAR")))
-    run = _wandb_run(cfg, env, run_dir)
+    run = tracking.open_run(cfg, run_dir, "train") if env.is_main else None
     step = progress.step
     try:
         while progress.step < tcfg.steps:
@@ -554,8 +554,7 @@ def _log(run_dir, env, progress: Progress, w: LogWindow, opt, bar, run) -> None:
     if env.is_main:
         append_jsonl(run_dir / "metrics.jsonl", rec)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if run is not None:
-            run.log(rec, step=progress.step)
+        tracking.log_line(run, rec, "train")
 
 
 def epochs(images_seen: int, unique: int | None) -> float | None:
@@ -579,8 +578,7 @@ def _validate(run_dir, env, progress: Progress, s: Stepper, objective, vs: heldo
                    train_batch_validation=on_training["validation"])
     if env.is_main:
         append_jsonl(run_dir / "metrics.jsonl", rec)
-        if run is not None:
-            run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=progress.step)
+        tracking.log_line(run, rec, "val")
 
 
 def _finish(cfg, env, run_dir, progress: Progress, note=None) -> dict:
@@ -610,17 +608,6 @@ def _save(cfg, env, ckpt_dir, progress: Progress, s: Stepper, data_state, keep_s
         checkpoint.save(ckpt_dir, progress.step, state)
         checkpoint.prune(ckpt_dir, cfg.train.keep_last, keep_steps)
     distributed.barrier()
-
-
-def _wandb_run(cfg, env, run_dir):
-    if cfg.train.wandb == "disabled" or not env.is_main:
-        return None
-    import wandb  # here: seconds to import, and most runs log to files only
-
-    return wandb.init(
-        project="harness", name=run_dir.name, id=run_dir.name, resume="allow", dir=str(run_dir),
-        mode=cfg.train.wandb, config=OmegaConf.to_container(cfg, resolve=True),
-    )
 
 
 #################################################################################

@@ -63,3 +63,41 @@ class ExtraSection:
 class ConfigPlus(config.Config):
     train: TrainPlus = field(default_factory=TrainPlus)
     extra: ExtraSection = field(default_factory=ExtraSection)
+
+
+def read_wandb_run(path: Path) -> dict:
+    """Returns what an offline wandb run folder recorded: {"run": {id, group, project, tags, job_type},
+    "history": [{key: value}], "files": [names under files/]}, read from its .wandb log (the leveldb-style record
+    log wandb writes: 32 KiB blocks of [crc32, length, type] records, each a wandb_internal Record)."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (log_file,) = Path(path).glob("run-*.wandb")
+    data, pos, pending, records = log_file.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B", f"{log_file} is not a wandb log"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            records.append(pending)
+    out = {"run": {}, "history": [], "files": sorted(p.name for p in (Path(path) / "files").rglob("*") if p.is_file())}
+    for raw in records:
+        r = pb.Record()
+        r.ParseFromString(raw)
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = {"id": r.run.run_id, "group": r.run.run_group, "project": r.run.project,
+                          "tags": list(r.run.tags), "job_type": r.run.job_type}
+        elif kind == "history":
+            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return out

@@ -199,6 +199,16 @@ class ResourcesConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Where a cell's wandb run goes (harness.tracking); the mode is train.wandb (offline, online, disabled)."""
+
+    project: str = "harness"
+    entity: str | None = None  # None: the account's default entity
+    group: str | None = None  # None: the sweep's name (sweep_name)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     patch: int = identity(2)
@@ -208,6 +218,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = runtime(factory=EvalConfig)
     resources: ResourcesConfig = runtime(factory=ResourcesConfig)
+    wandb: WandbConfig = runtime(factory=WandbConfig)
     seed: int = identity(0)
     sweep_name: str = runtime("default")
     out_dir: str = runtime("outputs/${sweep_name}")  # the sweep folder; each cell writes <out_dir>/<cell_id>/
