@@ -86,6 +86,18 @@ fig = figures.fig12_metrics(df)
 figures.save_figure(fig, FIG_DIR, "fig12_metrics")
 
 # %% [markdown]
+# ## Samples: what the models generate
+# Each cell's last evaluation, one row per cell, smallest model on top; sample i has the same class label and
+# initial noise in every row, so a row shows what its model compute buys, image by image.
+
+# %%
+try:
+    fig = figures.fig_samples(df)
+    figures.save_figure(fig, FIG_DIR, "samples")
+except ValueError as e:  # a table whose run folders are not on this machine has no pixels to show
+    print(e)
+
+# %% [markdown]
 # ## Table 4
 
 # %%

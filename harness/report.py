@@ -46,6 +46,8 @@ FIGURES = {
     "fig8_gflops": ("Fig 8: FID against Gflops", figures.fig8_gflops),
     "fig9_compute": ("Fig 9: FID against training compute", figures.fig9_compute),
     "fig12_metrics": ("Fig 12: FID, sFID, IS, precision and recall against training compute", figures.fig12_metrics),
+    "samples": ("Samples: each cell's last evaluation, smallest model on top, the same labels and noise in each row",
+                figures.fig_samples),
 }
 FITS = (
     ("gflops_floor", "gflops", "floor"),
@@ -243,10 +245,12 @@ def figure(ctx: Context, name: str) -> list[str]:
     if name == "fig5_conditioning" and ctx.df["cond"].nunique() < 2:
         return [f"- {title}: skipped, the sweep has one conditioning variant only", ""]
     kw, note = _figure_laws(ctx, name)
-    if name != "fig12_metrics":  # Fig 12 draws every metric of the evaluator, not the report's one
+    if name not in ("fig12_metrics", "samples"):  # Fig 12 draws every metric, the samples figure pixels
         kw["metric"] = ctx.metric
+    if name != "samples":
+        kw["allow_mixed"] = ctx.allow_mixed
     try:
-        fig = fn(ctx.df, allow_mixed=ctx.allow_mixed, **kw)
+        fig = fn(ctx.df, **kw)
     except ValueError as e:
         return [f"- {title}: skipped ({e})", ""]
     paths = figures.save_figure(fig, ctx.out, name)

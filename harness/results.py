@@ -112,6 +112,7 @@ COLUMNS = (
     "extractor_current",
     "settings_key",
     "settings",
+    "samples_npz",
     *(f"{k}_floor{s}" for k in ("fid", "sfid", "precision", "recall") for s in ("", "_spread")),
     "run_dir",
 )
@@ -251,6 +252,7 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
             row[k] = ev.get(k)
         if row.get("guided") is None:  # records older than the field: guided exactly when cfg_scale > 1
             row["guided"] = bool((ev.get("cfg_scale") or 1.0) > 1.0)
+        row["samples_npz"] = str(run_dir / ev["samples"]) if ev.get("samples") else None
         row["eval_wall_s"] = ev.get("wall_s", np.nan)
         row["eval_gpu_hours"] = ev.get("gpu_hours", np.nan)
         floor = (ev.get("floor") or {}).get("values") or {}

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness.core.vocabulary import weights_id
@@ -239,11 +240,16 @@ def make_demo_sweep(root: Path, extractor: str = "digits-cnn", num_samples: int 
             "off_paper": True,
         }
         evals = [eval_record(s, fid, DEMO_BATCH, num_samples, extractor, data="digits", unique=DIGITS_TRAIN_IMAGES,
-                             floor=DEMO_FID_FLOOR) for s, fid in zip(DEMO_STEPS, fids)]
+                             floor=DEMO_FID_FLOOR) | {"samples": f"samples/step_{s}_0123abcd/samples.npz"}
+                 for s, fid in zip(DEMO_STEPS, fids)]
         metrics = [{"step": s, "images_seen": s * DEMO_BATCH, **val_line(v, legacy=legacy)}
                    for s, v in zip(DEMO_VAL_STEPS, val_losses)]
         status = {"state": "finished", "reason": None, "attempts": 1, "step": DEMO_STEPS[-1], "wall_s": 140.0}
-        write_cell(sweep, cell, status, evals, metrics)
+        run = write_cell(sweep, cell, status, evals, metrics)
+        for k, ev in enumerate(evals):  # 12 "samples" an evaluation kept: pixels that say which cell made them
+            (run / ev["samples"]).parent.mkdir(parents=True, exist_ok=True)
+            pixels = np.full((12, DEMO_SIZE, DEMO_SIZE, 3), (40 * len(ids) + 20 * k) % 256, dtype=np.uint8)
+            np.savez(run / ev["samples"], arr_0=pixels)
     (sweep / "sweep.json").write_text(
         json.dumps({"name": sweep.name, "created": "2024-01-01T00:00:00", "grid": ids, "harness_version": "0.1.0"})
     )

@@ -648,6 +648,42 @@ def fig12_metrics(
     return fig
 
 
+SAMPLES_SHOWN = 10  # samples per cell in the samples figure (sample i has the same label and noise in every row)
+
+
+def fig_samples(df: pd.DataFrame, n: int = SAMPLES_SHOWN, cond: str | None = None):
+    """Returns the samples figure: one row per cell, ordered by Gflops (smallest first), its last evaluation's
+    first `n` samples; sample i has the same class label and initial noise in every row (both drawn from the
+    evaluation's seed and i), so the rows show what model compute buys image by image, as the paper's Fig 1 and
+    Fig 7 show it. ValueError when no evaluation kept its samples."""
+    rows = df[df["evaluated"].astype(bool) & df["samples_npz"].notna()] if "samples_npz" in df else df.iloc[:0]
+    if cond is not None:
+        rows = rows[rows["cond"] == cond]
+    rows = rows[[Path(p).exists() for p in rows["samples_npz"]]] if len(rows) else rows
+    if rows.empty:
+        raise ValueError("no evaluation with its samples on disk (samples/step_N_*/samples.npz): nothing to show")
+    last = rows.sort_values("step").groupby("cell_id", sort=False).tail(1).sort_values(["gflops", "cell_id"])
+    images = []
+    for path in last["samples_npz"]:
+        with np.load(path) as f:
+            images.append(f["arr_0"][:n])
+    k = min(len(a) for a in images)
+    fig, axes = plt.subplots(len(last), 1, figsize=(1.0 * k + 2.6, 1.0 * len(last) + 0.8), layout="constrained",
+                             squeeze=False)
+    for ax, r, imgs in zip(axes[:, 0], last.itertuples(), images):
+        strip = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=255) for im in imgs[:k]], axis=1)
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        metric = f", FID {r.fid:.3g}" if pd.notna(getattr(r, "fid", np.nan)) else ""
+        ax.set_ylabel(f"DiT-{_name(r.model, r.patch)}\n{r.gflops:.3g} Gflops\nstep {r.step:,}{metric}", rotation=0,
+                      ha="right", va="center", fontsize=7)
+        ax.set_gid("samples")
+    fig.suptitle(f"The first {k} samples of each cell's last evaluation, smallest model on top (sample i: the same "
+                 "label and noise in every row)", fontsize=9)
+    return fig
+
+
 def table4(df: pd.DataFrame, metric: str = "fid", step: int | None = None, allow_mixed: bool = False) -> pd.DataFrame:
     """Returns Table 4: per model and conditioning: Gflops, params (M), ours at one step, paper FID-50K."""
     df = with_variants(df)

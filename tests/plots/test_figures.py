@@ -187,3 +187,16 @@ def test_the_floor_is_a_band_and_repeated_points_are_ringed(demo, name):
     labels = [t.get_text() for ax in fig.axes for leg in [ax.get_legend()] if leg for t in leg.get_texts()]
     labels += [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert name == "fig6_training" or any("past 4 epochs" in s for s in labels)
+
+
+def test_the_samples_figure_has_a_row_per_cell_smallest_model_on_top(demo):
+    fig = figures.fig_samples(demo)
+    rows = [ax for ax in fig.axes if ax.get_gid() == "samples"]
+    assert len(rows) == len(DEMO_CELLS)
+    labels = [ax.get_ylabel() for ax in rows]
+    gflops = [float(s.split("\n")[1].split()[0]) for s in labels]
+    assert gflops == sorted(gflops) and all(f"step {DEMO_STEPS[-1]:,}" in s for s in labels)
+    widths = {ax.get_images()[0].get_array().shape[1] for ax in rows}
+    assert len(widths) == 1  # the same number of samples in every row
+    with pytest.raises(ValueError, match="nothing to show"):
+        figures.fig_samples(demo.assign(samples_npz=None))
