@@ -21,7 +21,7 @@ from harness.cell import build_model, config_hash, load_cell_model, load_run_con
 from harness.core import checkpoint, distributed
 from harness.core.config import Config, EvalConfig
 from harness.data.codec import IdentityCodec, VAECodec
-from harness.metrics.fidelity import to_uint8_rgb
+from harness.data.datasets import to_uint8_rgb
 from harness.model import dit
 
 TINY_ARCH = dict(depth=1, hidden_size=32, num_heads=2)
