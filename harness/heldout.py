@@ -25,13 +25,11 @@ from typing import Any
 
 import torch
 
+from harness.core.config import DEFAULT_VAL_IMAGES
 from harness.data import datasets
 
 VAL_SEED = 20_231_212  # the validation set draws from its own stream, identical for every cell of a data set
 VAL_CHUNK = 256  # images per forward pass
-# Held-out images when train.val_images is None: enough for a standard error well under 1% of the loss, few enough
-# that validating both weights at 8 times stays a small share of training (docs/scaling.md has the measured shares).
-DEFAULT_VAL_IMAGES = 1024
 
 
 @dataclass

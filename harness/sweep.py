@@ -42,6 +42,7 @@ from harness import tracking
 from harness.cell import (
     cell_facts,
     cell_id,
+    extractor_for,
     hold,
     identity,
     load_run_config,
@@ -51,8 +52,16 @@ from harness.cell import (
     validate,
 )
 from harness.core import cli, distributed, lease, throughput
-from harness.core.compute import train_compute_gflops
-from harness.core.config import CONF_DIR, compact_error, compose, eval_steps
+from harness.core.compute import (
+    EXTRACTOR_GFLOPS,
+    FORWARD_BACKWARD_FACTOR,
+    IN_HOUSE_EXTRACTOR_GFLOPS,
+    evaluation_gflops,
+    sampler_evaluations,
+    train_compute_gflops,
+    validation_gflops,
+)
+from harness.core.config import CONF_DIR, DEFAULT_VAL_IMAGES, compact_error, compose, eval_steps
 from harness.core.runfolder import atomic_write_json, now_iso, read_json, read_status, update_status
 from harness.evaluate import evaluate_cell, evaluation_done
 from harness.train import Preempted, train
@@ -61,6 +70,8 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_SLACK = 1.25  # a job's time limit is its estimated wall time plus 25%
 MIN_TIMEOUT_MIN = 60
+# A sweep that would run longer than this on this machine's CPU starts only with confirm_local=true.
+LOCAL_HOURS_ASKED = 1.0
 REASON_CHARS = 600  # a failure's reason in status.json: enough for a traceback's last line and the file
 
 
@@ -70,9 +81,9 @@ def _fail(message: str, code: int = cli.BAD_INPUT_EXIT) -> None:
 
 
 def estimate_gpu_hours(gflops: float, global_batch: int, steps: int, rate: float | None = None) -> float:
-    """Returns the GPU-hours to train a cell at the recorded per-GPU throughput (a planning estimate)."""
-    images_per_s = (rate or throughput.gpu_image_gflops_per_s()) / max(gflops, 1e-12)
-    return global_batch * steps / images_per_s / 3600.0
+    """Returns the GPU-hours to train a cell (training alone) at the recorded per-GPU throughput."""
+    compute = {"train": train_compute_gflops(gflops, global_batch, steps)}
+    return hours_at(compute, rate or throughput.gpu_image_gflops_per_s())["train"]
 
 
 def cell_resources(cfg: Any, gpu_hours: float) -> dict:
@@ -98,35 +109,84 @@ def cell_resources(cfg: Any, gpu_hours: float) -> dict:
     return {"gpus_per_node": per_node, "nodes": nodes, "tasks_per_node": per_node, "timeout_min": timeout_min}
 
 
+def cell_compute(cfg: Any, gflops: float) -> dict:
+    """Returns a cell's compute in the paper's units (Gflops): {"train": forward and backward of every step,
+    "validation": its validation losses, "evaluation": sampling and feature extraction of every evaluation}."""
+    t, e = cfg.train, cfg.eval
+    records = len(set(range(t.val_every, t.steps + 1, t.val_every)) | set(eval_steps(cfg)))
+    evals = 0 if cfg.stage == "train" else len(eval_steps(cfg))
+    extractor = extractor_for(cfg)
+    extractor_gflops = EXTRACTOR_GFLOPS.get(extractor, IN_HOUSE_EXTRACTOR_GFLOPS)
+    if "fd_dinov2" in e.metrics:
+        extractor_gflops += EXTRACTOR_GFLOPS.get(e.dinov2_model, EXTRACTOR_GFLOPS["dinov2-vit-l-14"])
+    per_eval = evaluation_gflops(gflops, e.num_samples, sampler_evaluations(e.sampler, e.sampling_steps),
+                                 e.cfg_scale > 1.0, extractor_gflops)
+    return {"train": train_compute_gflops(gflops, t.global_batch, t.steps),
+            "validation": validation_gflops(gflops, t.val_images or DEFAULT_VAL_IMAGES, t.val_times, records),
+            "evaluation": evals * per_eval}
+
+
+def hours_at(compute_gflops: dict, rate: float) -> dict:
+    """Returns {part: hours} of a cell's compute at a device's training rate (training images/s x Gflops). The
+    compute is in the paper's units, where a training image counts FORWARD_BACKWARD_FACTOR forward passes: so
+    training, and forward-only work (validation, sampling, extraction) alike, run at that factor times the rate."""
+    return {part: g / (FORWARD_BACKWARD_FACTOR * rate) / 3600.0 for part, g in compute_gflops.items()}
+
+
 def plan_row(cfg: Any, rate: float) -> dict:
-    """Returns a cell's plan: its facts, training compute, estimated GPU-hours and resources."""
+    """Returns a cell's plan: its facts, compute (training, validation, evaluation), estimated GPU-hours of each
+    and in all, and the resources its cost calls for."""
     facts = cell_facts(cfg)
-    train_gflops = train_compute_gflops(facts["gflops"], cfg.train.global_batch, cfg.train.steps)
-    gpu_hours = estimate_gpu_hours(facts["gflops"], cfg.train.global_batch, cfg.train.steps, rate)
-    return {**facts, "train_compute_gflops": train_gflops, "est_gpu_hours": gpu_hours,
-            "resources": cell_resources(cfg, gpu_hours)}
+    compute = cell_compute(cfg, facts["gflops"])
+    hours = hours_at(compute, rate)
+    gpu_hours = sum(hours.values())
+    return {**facts, "train_compute_gflops": compute["train"], "compute_gflops": compute,
+            "train_gpu_hours": hours["train"] + hours["validation"], "eval_gpu_hours": hours["evaluation"],
+            "est_gpu_hours": gpu_hours, "resources": cell_resources(cfg, gpu_hours)}
 
 
 def format_plan(rows: list[dict], states: dict[str, str], rate: float, notes: dict[str, str] | None = None) -> str:
     """Returns the plan as a table: one line per cell with its cost and what the sweep will do with it
     (`states`: the cells it skips and why; `notes`: what a cell it runs still needs, default "to run")."""
     notes = notes or {}
-    head = (f"{'cell':<52} {'objective':>9} {'params':>9} {'Gflops':>8} {'train Gflops':>12} {'GPU-h':>8}"
-            f" {'GPUs':>4}  state")
+    head = (f"{'cell':<52} {'objective':>9} {'params':>9} {'Gflops':>8} {'train Gflops':>12} {'train GPU-h':>11}"
+            f" {'eval GPU-h':>10} {'GPUs':>4}  state")
     lines = [head, "-" * len(head)]
     for r in rows:
         res = r["resources"]
         lines.append(
             f"{r['cell_id']:<52} {r['objective']:>9} {r['params'] / 1e6:>8.2f}M {r['gflops']:>8.3g}"
-            f" {r['train_compute_gflops']:>12.3e} {r['est_gpu_hours']:>8.2f} {res['gpus_per_node'] * res['nodes']:>4}"
-            f"  {states.get(r['cell_id'], notes.get(r['cell_id'], 'to run'))}"
+            f" {r['train_compute_gflops']:>12.3e} {r['train_gpu_hours']:>11.2f} {r['eval_gpu_hours']:>10.2f}"
+            f" {res['gpus_per_node'] * res['nodes']:>4}  {states.get(r['cell_id'], notes.get(r['cell_id'], 'to run'))}"
         )
     skipped = [r for r in rows if r["cell_id"] in states]
     total = sum(r["est_gpu_hours"] for r in rows)
     todo = total - sum(r["est_gpu_hours"] for r in skipped)
-    lines.append(f"{len(rows)} cells, {len(rows) - len(skipped)} to run; estimated GPU-hours: {total:.1f} in all, "
-                 f"{todo:.1f} still to run (at {rate:.0f} image-Gflops/s per GPU)")
+    evaluation = sum(r["eval_gpu_hours"] for r in rows)
+    lines.append(f"{len(rows)} cells, {len(rows) - len(skipped)} to run; estimated GPU-hours: {total:.1f} in all "
+                 f"({total - evaluation:.1f} training and validation, {evaluation:.1f} evaluation), {todo:.1f} still "
+                 f"to run (at {rate:.0f} image-Gflops/s of training per GPU)")
     return "\n".join(lines)
+
+
+def _duration(hours: float) -> str:
+    """Returns hours as a person says them: '40 minutes', '3.2 hours', '12 days', '4.1 years'."""
+    if hours < 1:
+        return f"{hours * 60:.0f} minutes"
+    if hours < 48:
+        return f"{hours:.2g} hours"
+    if hours < 24 * 365:
+        return f"{hours / 24:.3g} days"
+    return f"{hours / 24 / 365:.3g} years"
+
+
+def local_hours(rows: list[dict], states: dict[str, str], cfg: Any) -> float | None:
+    """Returns the hours the cells still to run would take on this machine's CPU, or None when they would not run
+    here on a CPU (a SLURM launcher, a CUDA device) and the question does not arise."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and distributed.cuda_available()):
+        return None
+    rate = throughput.cpu_image_gflops_per_s()
+    return sum(sum(hours_at(r["compute_gflops"], rate).values()) for r in rows if r["cell_id"] not in states)
 
 
 def cell_done(cfg: Any) -> bool:
@@ -208,8 +268,17 @@ class GridSweep:
                 notes[cell_id(c)] = "trained; evaluations to do"
         print(f"sweep folder: {sweep_dir.resolve()}", flush=True)
         print(format_plan(rows, states, rate, notes), flush=True)
+        here = None if _is_submitit(self.launcher) else local_hours(rows, states, cfgs[0][1] if cfgs else self.config)
+        if here is not None:
+            print(f"on this machine's CPU: about {_duration(here)} (at {throughput.cpu_image_gflops_per_s():.0f} "
+                  "image-Gflops/s of training)", flush=True)
         if self.config.plan:
             return []
+        if here is not None and here > LOCAL_HOURS_ASKED and not self.config.confirm_local:
+            _fail(f"this sweep would run about {_duration(here)} on this machine's CPU ({len(rows) - len(states)} "
+                  "cells, training and evaluation): run the CPU demo (python -m harness.sweep -m sweeps=demo), "
+                  "submit to SLURM (hydra/launcher=slurm cluster=...), or pass confirm_local=true to start it here; "
+                  "nothing was started")
 
         _record_sweep(sweep_dir, self.config, ids)
         todo = [(o, c, r) for (o, c), r in zip(cfgs, rows) if r["cell_id"] not in states]

@@ -21,10 +21,9 @@ from omegaconf import OmegaConf
 
 from harness import status, sweep
 from harness.cell import load_run_config
-from harness.core import checkpoint, config
-from harness.core.config import Config
+from harness.core import checkpoint, config, throughput
+from harness.core.config import Config, compose
 from harness.core.runfolder import read_json, read_jsonl, update_status
-from harness.model import flops
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_TIMEOUT_S = 300  # a hung sweep fails the test instead of the CI job
@@ -162,12 +161,11 @@ def relaunch_upgraded(monkeypatch, out_dir, *overrides) -> int:
 
 
 def gpu_hours_between_patches(fine, coarse):
-    """A GPU-hours-per-job limit between the estimates of the patch-`fine` and patch-`coarse` tiny cells,
-    so the sweep gives them different resources (two launch groups)."""
+    """A GPU-hours-per-job limit between the plan's estimates (training, validation and evaluation) of the
+    patch-`fine` and patch-`coarse` tiny cells, so the sweep gives them different resources (two launch groups)."""
     def hours(patch):
-        cost = flops.model_cost("demo-S", patch, "adaln_zero", input_size=8, in_channels=1, num_classes=10,
-                                depth=1, hidden_size=32, num_heads=2)
-        return sweep.estimate_gpu_hours(cost["gflops"], 16, STEPS)
+        row = sweep.plan_row(compose([*TINY, f"patch={patch}"]), throughput.gpu_image_gflops_per_s())
+        return row["est_gpu_hours"]
 
     assert hours(fine) > hours(coarse)
     return math.sqrt(hours(fine) * hours(coarse))
@@ -373,3 +371,38 @@ def test_composing_each_group_choice_once_gives_the_configs_hydra_composes(tmp_p
             "eval.at_steps=[5,10]", "eval.metrics=[fid,kid]", "plan=true"]
     assert sweep_in_process(monkeypatch, tmp_path / "sweep", *grid) == 0, capsys.readouterr().err
     assert len(compared) == 32
+
+
+# ---- a plan that counts everything, and a local sweep that asks before days of work ----
+
+def test_the_plan_counts_evaluation_and_validation_beside_training():
+    """The paper's recipe: FID-50K at 250 steps every 50K steps costs about a third of training; guidance doubles
+    the sampling; a training-only sweep plans no evaluation."""
+    rate = throughput.gpu_image_gflops_per_s()
+    paper = compose(["model=XL", "patch=2", "data=synthetic", "data.image_size=256", "train=paper"])
+    row = sweep.plan_row(paper, rate)
+    compute = row["compute_gflops"]
+    assert compute["train"] == pytest.approx(118.64 * 256 * 400_000 * 3, rel=1e-3)
+    assert 0.25 < compute["evaluation"] / compute["train"] < 0.4
+    assert 0 < compute["validation"] < 0.01 * compute["train"]
+    assert row["est_gpu_hours"] == pytest.approx(row["train_gpu_hours"] + row["eval_gpu_hours"])
+    guided = sweep.plan_row(compose(["model=XL", "patch=2", "data=synthetic", "data.image_size=256",
+                                     "train=paper", "eval=fid50k_cfg"]), rate)
+    sampling = compute["evaluation"] - 8 * 50_000 * 5.71  # less the Inception features of 8 evaluations
+    assert guided["compute_gflops"]["evaluation"] == pytest.approx(2 * sampling + 8 * 50_000 * 5.71, rel=1e-6)
+    train_only = sweep.plan_row(compose(["model=XL", "patch=2", "data=synthetic", "data.image_size=256",
+                                         "train=paper", "stage=train"]), rate)
+    assert train_only["eval_gpu_hours"] == 0
+
+
+def test_a_long_local_sweep_says_so_and_starts_nothing_unless_confirmed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "big"
+    monkeypatch.setattr(sweep, "LOCAL_HOURS_ASKED", 1e-9)  # the tiny grid stands for one of days
+    assert sweep_in_process(monkeypatch, out, "patch=2,4") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "on this machine's CPU" in err and "sweeps=demo" in err
+    assert "hydra/launcher=slurm" in err and "confirm_local=true" in err and not out.exists()
+    assert sweep_in_process(monkeypatch, out, "patch=2,4", "plan=true") == 0  # the plan says it, starts nothing
+    assert "on this machine's CPU: about" in capsys.readouterr().out and not out.exists()
+    assert sweep_in_process(monkeypatch, out, "patch=4", "confirm_local=true") == 0
+    assert len([p for p in out.iterdir() if (p / "cell.json").exists()]) == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from harness.core import throughput
 from harness.core.config import TrainConfig
 from harness.core.runfolder import atomic_write_json
 from harness.data.codec import TINY_VAE, VAECodec
@@ -62,17 +63,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """Returns the GPU's name, or the CPU model from /proc/cpuinfo (platform.processor() elsewhere)."""
+    """Returns the GPU's name, or the CPU model (harness.core.throughput.cpu_name)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return throughput.cpu_name()
 
 
 def peak_table_entry(name: str) -> str | None:

@@ -50,6 +50,35 @@ def sampling_gflops_per_image(gflops, sampling_steps, guidance=False):
     return gflops * sampling_steps * (2 if guidance else 1)
 
 
+# Feature extraction per image, in multiply-adds (the paper's convention), for the evaluation's cost in a plan.
+# Inception-v3 at 299 x 299: 5.71 G (torchvision's model table); DINOv2 ViT-L/14 at 224 x 224: ViT-L/16's 61.6 G
+# (torchvision) scaled to /14's 257 tokens, about 80 G; the in-house CNNs at 16 x 16: about 0.003 G.
+EXTRACTOR_GFLOPS = {"inception-v3-compat": 5.71, "inception-v3-compat-spatial": 5.71, "dinov2-vit-l-14": 80.0}
+IN_HOUSE_EXTRACTOR_GFLOPS = 0.003
+
+
+def sampler_evaluations(sampler: str, sampling_steps) -> int:
+    """Returns the network evaluations one sample takes: the respaced steps of a DDPM/DDIM string ("250",
+    "ddim50", "10,20,20": their sum), a flow sampler's steps (Heun: two per step, one at the last)."""
+    s = str(sampling_steps)
+    steps = sum(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in s.split(","))
+    return 2 * steps - 1 if sampler == "heun" and steps > 0 else steps
+
+
+def evaluation_gflops(gflops, num_samples: int, evaluations_per_sample: int, guided: bool,
+                      extractor_gflops: float) -> float:
+    """Returns one evaluation's forward compute in the paper's units: sampling (num_samples x network evaluations
+    x gflops, twice the batch under guidance) plus feature extraction of the samples."""
+    _check_nonnegative(gflops=gflops, num_samples=num_samples, evaluations_per_sample=evaluations_per_sample)
+    return num_samples * (sampling_gflops_per_image(gflops, evaluations_per_sample, guided) + extractor_gflops)
+
+
+def validation_gflops(gflops, images: int, times: int, records: int) -> float:
+    """Returns the forward compute of a cell's validation losses: records x 2 (raw and EMA) x images x times."""
+    _check_nonnegative(gflops=gflops, images=images, times=times, records=records)
+    return 2 * records * images * times * gflops
+
+
 def paper_table() -> list[dict]:
     """Returns Table 4 of the paper as a list of dicts (gflops in Gflops, params_m in millions)."""
     if not PAPER_TABLE_PATH.exists():

@@ -37,6 +37,9 @@ CONF_DIR = REPO_ROOT / "conf"
 SWEEPS_DIR = REPO_ROOT / "sweeps"  # the named grids: options of the config group `sweeps`
 
 PATCH_SIZES = (2, 4, 8)  # the paper's patch sizes (Table 4)
+# Held-out images a validation reads when train.val_images is None (and the split has as many): enough for a
+# standard error near 1% of the loss, few enough that validating both weights stays a small share of training.
+DEFAULT_VAL_IMAGES = 1024
 CONDS = ("in_context", "cross_attn", "adaln", "adaln_zero")  # the conditioning variants (paper Fig 3, 5)
 PRECISIONS = ("auto", "fp32", "bf16")
 DDPM_SAMPLERS = ("ddpm", "ddim")
@@ -140,6 +143,7 @@ class TrainConfig:
     # release, so it stays, unused; the validation loss now reads val_images held-out images (harness.heldout).
     val_batch: int = identity(256)
     val_images: int | None = runtime(None)  # held-out images per validation; None: the split, at most 1,024
+    # (DEFAULT_VAL_IMAGES)
     val_times: int = runtime(8)  # times per image, at the midpoints of equal strata of the time distribution
     ckpt_every: int = runtime(50_000)
     keep_last: int = runtime(2)  # newest checkpoints kept besides those at evaluation steps
@@ -224,6 +228,8 @@ class Config:
     out_dir: str = runtime("outputs/${sweep_name}")  # the sweep folder; each cell writes <out_dir>/<cell_id>/
     device: str = runtime("auto")
     plan: bool = runtime(False)  # print the plan of the grid and exit
+    # A sweep that would run over an hour on this machine's CPU (no SLURM launcher, no GPU) starts only with this.
+    confirm_local: bool = runtime(False)
     stage: str = runtime("all")  # all | train | eval
     report: bool = runtime(True)  # write the sweep report when the last cell finishes
     # Seconds to wait for a run folder held by another process (harness.core.lease). None: wait only when this

@@ -48,6 +48,11 @@ def _from_env() -> tuple[int, int, int]:
     return launch_env()
 
 
+def cuda_available() -> bool:
+    """Returns whether torch sees a CUDA device here (what device=auto picks)."""
+    return torch.cuda.is_available()
+
+
 def resolve_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")

@@ -45,6 +45,36 @@ def gpu_image_gflops_per_s(path: str | Path = THROUGHPUT_FILE) -> float:
     return recorded_image_gflops_per_s(path) or FAST_DIT_A100_IMAGE_GFLOPS_PER_S
 
 
+# A CPU's training rate when none is recorded: the 2-core Xeon's DiT-S/8 figure in conf/throughput.yaml.
+DEFAULT_CPU_IMAGE_GFLOPS_PER_S = 22.0
+
+
+def cpu_image_gflops_per_s(path: str | Path = THROUGHPUT_FILE) -> float:
+    """Returns the training rate (image-Gflops/s) of this machine's CPU for a local plan: this processor's recorded
+    figure (by its name in the throughput file), else the fastest CPU recorded, else DEFAULT_CPU_IMAGE_GFLOPS_PER_S.
+    A planning number: a CPU's speed varies by more than its name says."""
+    devices = {n: d for n, d in read_throughput(path)["devices"].items() if d.get("type") == "cpu"}
+    here = devices.get(cpu_name())
+    if here:
+        return float(here["train_image_gflops_per_s"])
+    rates = [float(d["train_image_gflops_per_s"]) for d in devices.values() if d.get("train_image_gflops_per_s")]
+    return max(rates) if rates else DEFAULT_CPU_IMAGE_GFLOPS_PER_S
+
+
+def cpu_name() -> str:
+    """Returns this machine's processor name as /proc/cpuinfo says it (the platform's machine type elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform  # here: only where /proc/cpuinfo is missing
+
+    return platform.processor() or "cpu"
+
+
 def _sig(x: float, digits: int = 6) -> float:
     """Returns x rounded to `digits` significant digits (a readable YAML file, no false precision)."""
     return float(f"{x:.{digits}g}")
