@@ -72,7 +72,8 @@ def validation_set(cfg: Any, objective, codec=None, device: torch.device | str =
         split, heldout = "train", False
     g = torch.Generator().manual_seed(VAL_SEED)
     n = min(int(num_images or getattr(cfg.train, "val_images", None) or DEFAULT_VAL_IMAGES), len(dataset))
-    idx = torch.randperm(len(dataset), generator=g)[:n]
+    # A seeded subset; of a stream that never repeats, its first n images (seen once, early in training).
+    idx = torch.randperm(len(dataset), generator=g)[:n] if datasets.unique_images(dataset) else torch.arange(n)
     x, y = dataset.get_batch(idx)
     x = dataset.fixed(x, g)
     if codec is not None:
