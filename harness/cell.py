@@ -81,6 +81,9 @@ def _train_problems(cfg: Any) -> list[str]:
     if getattr(t, "val_images", None) is not None and t.val_images < 2:
         problems.append(f"train.val_images={t.val_images} must be at least 2 (a standard error needs two images) "
                         "or null (the held-out split, at most 1,024)")
+    bad_val = [s for s in t.get("val_at_steps", []) if not 0 < s <= t.steps]
+    if bad_val:
+        problems.append(f"train.val_at_steps contains {bad_val}: validation steps must lie in 1..train.steps={t.steps}")
     if t.keep_last < 1:
         problems.append(f"train.keep_last={t.keep_last} must be at least 1")
     if t.lr <= 0:

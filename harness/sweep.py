@@ -113,7 +113,7 @@ def cell_compute(cfg: Any, gflops: float) -> dict:
     """Returns a cell's compute in the paper's units (Gflops): {"train": forward and backward of every step,
     "validation": its validation losses, "evaluation": sampling and feature extraction of every evaluation}."""
     t, e = cfg.train, cfg.eval
-    records = len(set(range(t.val_every, t.steps + 1, t.val_every)) | set(eval_steps(cfg)))
+    records = len(set(range(t.val_every, t.steps + 1, t.val_every)) | set(eval_steps(cfg)) | set(t.val_at_steps))
     evals = 0 if cfg.stage == "train" else len(eval_steps(cfg))
     extractor = extractor_for(cfg)
     extractor_gflops = EXTRACTOR_GFLOPS.get(extractor, IN_HOUSE_EXTRACTOR_GFLOPS)

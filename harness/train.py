@@ -387,6 +387,7 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
         return x, y, aug_g
 
     keep_steps = set(eval_steps(cfg))
+    val_steps = keep_steps | set(tcfg.val_at_steps)
     prefetch = Prefetcher(load, depth=tcfg.num_workers)
     prefetch.push((progress.step, order.next_indices()))
     stop = StopFlag()
@@ -419,7 +420,7 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
             stopping = _should_stop(env, stop, held, at_log_step=is_log)
             if is_log or stopping:
                 _log(run_dir, env, progress, window, stepper.opt, bar, run)
-            if step % tcfg.val_every == 0 or step in keep_steps or step == tcfg.steps:
+            if step % tcfg.val_every == 0 or step in val_steps or step == tcfg.steps:
                 _validate(run_dir, env, progress, stepper, objective, vs, run, seen if step == tcfg.steps else None)
             if is_ckpt or stopping:
                 _save(cfg, env, ckpt_dir, progress, stepper, data_state, keep_steps)

@@ -173,14 +173,16 @@ def test_non_finite_loss_stops_the_cell_as_failed(tmp_path):
 def test_loss_and_val_loss_fall_on_digits(tmp_path):
     out = tmp_path / "learn"
     subprocess.run(_train_cmd(out, "train.steps=60", "train.ckpt_every=60", "train.val_every=20",
-                              "train.log_every=10", "model.hidden_size=64", "eval.at_steps=[30]"),
+                              "train.log_every=10", "model.hidden_size=64", "eval.at_steps=[30]",
+                              "train.val_at_steps=[5,20]"),
                    check=True, env=one_thread_env(), capture_output=True)
     recs = read_jsonl(_only_run_dir(out) / "metrics.jsonl")
     losses = [r["loss"] for r in recs if "loss" in r]
     vals = [r for r in recs if "validation" in r]
     assert losses[-1] < losses[0] and vals[-1]["val_loss"] < vals[0]["val_loss"], (losses, vals)
-    # validated every val_every steps and at every evaluation step, on the held-out split, with error bars
-    assert [r["step"] for r in vals] == [20, 30, 40, 60]
+    # validated every val_every steps, at val_at_steps and at every evaluation step, on the held-out split, with
+    # error bars
+    assert [r["step"] for r in vals] == [5, 20, 30, 40, 60]
     for r in vals:
         assert r["validation"]["split"] == "test" and r["validation"]["num_images"] == 32
         assert 0 < r["val_loss_se"] < r["val_loss"] and 0 < r["val_loss_ema_se"] < r["val_loss_ema"]

@@ -139,6 +139,9 @@ class TrainConfig:
     class_dropout_prob: float = identity(0.1)
     log_every: int = runtime(100)
     val_every: int = runtime(5000)
+    # Steps to validate at besides every val_every (log-spaced for a scaling study: its IsoFLOP profiles read each
+    # cell early and late); evaluation steps and the last step are always validated.
+    val_at_steps: list[int] = runtime(factory=list)
     # The fixed validation batch of earlier versions (training images): part of every cell's name since the first
     # release, so it stays, unused; the validation loss now reads val_images held-out images (harness.heldout).
     val_batch: int = identity(256)
