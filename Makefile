@@ -4,7 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint clean-venv
+# The tests run on every core (pytest-xdist); the SLURM tests share one worker (they share one cluster).
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
+# The inner loop: no slow test, no process, notebook, SLURM or GPU test (tests/conftest.py says what each tier is).
+FAST := not slow and not process and not notebook and not slurm and not gpu
+
+.PHONY: venv demo test test-fast lint clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,7 +25,10 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+test-fast: venv
+	HARNESS_TEST_TIER=fast $(PYTEST) -m "$(FAST)"
 
 clean-venv:
 	rm -rf $(VENV)

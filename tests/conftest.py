@@ -1,8 +1,22 @@
-"""Session-wide test environment: no network services, no progress bars, one shared tmp cache."""
+"""Session-wide test environment: no network services, no progress bars, one shared tmp cache; the test tiers.
+
+Tiers (pyproject.toml's markers): `make test` runs every test; `make test-fast` (the inner loop) leaves out the
+`slow`, `process`, `notebook`, `slurm` and `gpu` ones. In the fast tier a test that starts a process without the
+`process` mark fails, naming the mark, so the tier stays what it says.
+"""
 
 import os
+import subprocess
 
 import pytest
+
+FAST_TIER_ENV = "HARNESS_TEST_TIER"  # "fast": make test-fast
+
+# Under pytest-xdist (make test runs a worker per core) each worker computes on one thread: two workers of two
+# threads each on two cores only take turns. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,3 +46,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In the fast tier, starting a process fails the test: it should carry the `process` mark."""
+    if os.environ.get(FAST_TIER_ENV) != "fast" or request.node.get_closest_marker("process"):
+        return
+    real = subprocess.Popen.__init__
+    def refuse(self, args, *a, **kw):
+        if (args if isinstance(args, str) else args[0]) == "git":  # the commit a checkpoint records: milliseconds
+            return real(self, args, *a, **kw)
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args!r:.120}): mark it "
+                             "@pytest.mark.process (make test-fast leaves those out)")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -28,6 +28,9 @@ from helpers import TINY_CELL, one_thread_env, run_module
 from harness.core import checkpoint
 from harness.core.runfolder import read_json
 
+# Every case runs a command as a user does, in a process of its own: not in make test-fast.
+pytestmark = pytest.mark.process
+
 STEPS = 4  # the trained cell has checkpoints at steps 2 and 4
 CKPT_FILE = checkpoint.ckpt_path(Path("checkpoints"), STEPS)  # relative to a run folder
 CASE_TIMEOUT_S = 120  # a case that hangs fails instead of stalling the suite

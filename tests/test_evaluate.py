@@ -45,8 +45,9 @@ METRIC_KEYS = {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision",
 SHARD_LINE = re.compile(r"shard (\d+) \[\d+, \d+\) (kept|sampled)")
 
 
-# in-process sampling computes as the one-thread subprocesses do
-pytestmark = pytest.mark.usefixtures("one_thread")
+# in-process sampling computes as the one-thread subprocesses do; the cell is trained (and some evaluations run) by
+# the commands in processes of their own: not in make test-fast
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.process]
 
 
 def _evaluate_cmd(run: Path, *extra: str) -> list[str]:

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
+# lint-imports and fresh interpreters run as processes: not in make test-fast.
+pytestmark = pytest.mark.process
+
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

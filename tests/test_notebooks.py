@@ -12,6 +12,9 @@ from nbclient import NotebookClient
 
 from harness.results import load_results, save_table
 
+# Notebooks execute in a Jupyter kernel, a process of its own: not in make test-fast.
+pytestmark = [pytest.mark.notebook, pytest.mark.process]
+
 NOTEBOOKS = sorted((REPO / "analysis").glob("*.ipynb"))
 EXPECTED = {
     "figures": ["fig2_bubbles", "fig5_conditioning", "fig6_training", "fig8_gflops", "fig9_compute", "fig12_metrics"],

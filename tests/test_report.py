@@ -18,6 +18,7 @@ def report(tmp_path_factory):
     return write_report(sweep, n_resamples=100)
 
 
+@pytest.mark.slow
 def test_report_writes_figures_tables_and_fits(report):
     out = report.parent
     assert out.name == "report"
@@ -33,6 +34,7 @@ def test_report_writes_figures_tables_and_fits(report):
     assert "failed" in text and "CUDA out of memory" in text  # unfinished cells are listed
 
 
+@pytest.mark.slow
 def test_fig8_correlation_on_table4_fixture_matches_paper(report):
     text = report.read_text()
     row = re.search(r"\| Pearson\(FID, log10 Gflops\) \| (-?[\d.]+) \| (-?[\d.]+) \|", text)
@@ -44,6 +46,7 @@ def _not_json(token: str):
     raise AssertionError(f"{token} is not JSON")
 
 
+@pytest.mark.process
 def test_digits_sweep_is_labelled_and_not_a_sweep_fails_cleanly(tmp_path):
     sweep = make_paper_sweep(tmp_path / "digits", steps=(400_000,), num_samples=5_000, extractor="digits-cnn")
     report = write_report(sweep, n_resamples=0)
@@ -77,6 +80,7 @@ def test_last_evaluations_give_each_cell_its_latest_record_smallest_first(tmp_pa
     assert last_evaluations(df[~df["evaluated"].astype(bool)]).empty
 
 
+@pytest.mark.slow
 def test_the_report_says_what_each_number_is(tmp_path):
     """Split, images, times and standard error of the validation loss; sample count, extractor weights and floor of
     each metric; how far the training images were repeated; the earlier form of a loss labelled as what it is."""

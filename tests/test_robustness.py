@@ -24,6 +24,9 @@ from harness.core.runfolder import read_json, read_jsonl, read_status
 from harness.report import build_report
 from harness.results import load_results
 
+# Every test here runs the commands as processes (kills, two writers, relaunches): not in make test-fast.
+pytestmark = pytest.mark.process
+
 STEPS = 40
 TINY = [*TINY_CELL, "patch=4", "train.log_every=5", "train.val_every=20", "train.keep_last=100", "eval=digits",
         "eval.at_steps=[]"]

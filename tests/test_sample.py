@@ -75,6 +75,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.process
 def test_same_samples_for_one_or_two_processes_and_any_batch_size(run_dir, tmp_path):
     # 14 samples in shards of 4: four shards, the last one short, split unevenly over two ranks
     sample.main(_sample_args(run_dir, tmp_path / "b3", 3, "--png", "5"))

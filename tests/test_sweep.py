@@ -94,6 +94,7 @@ def fake_kill_after_first_checkpoint(run_dir):
     update_status(run_dir, state="running", step=CKPT_EVERY)
 
 
+@pytest.mark.process
 def test_plan_then_relaunch_and_extension_run_only_what_is_missing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
 
@@ -182,6 +183,7 @@ def failed_sweep(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.process
 def test_failed_cells_record_their_reason_and_the_others_finish(failed_sweep):
     out, result = failed_sweep
     assert result.returncode == 1, result.stderr
@@ -201,6 +203,7 @@ def test_failed_cells_record_their_reason_and_the_others_finish(failed_sweep):
     assert named == failed, message
 
 
+@pytest.mark.process
 def test_status_cli_reads_the_run_folders(failed_sweep, capsys):
     out, _ = failed_sweep
     assert status.main([str(out), "--json"]) == 0
@@ -287,6 +290,7 @@ def test_every_bad_value_of_a_grid_is_reported_at_once(tmp_path, monkeypatch, ca
     assert not out.exists()
 
 
+@pytest.mark.process
 def test_bad_grid_from_the_command_line_exits_2_with_one_report(tmp_path):
     out = tmp_path / "sweep"
     result = run_sweep(out, "model=demo-S,Q", "patch=4,3")
@@ -296,6 +300,7 @@ def test_bad_grid_from_the_command_line_exits_2_with_one_report(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.process
 def test_a_bad_value_outside_the_swept_keys_is_said_in_one_line_before_the_sweep(tmp_path):
     # Hydra composes the un-swept overrides once before the sweeper runs; the sweep composes them first
     # itself, so the bad one is said in one line (exit 2), not in Hydra's multi-line error.
@@ -328,6 +333,7 @@ def test_cell_resources_give_the_expensive_cell_more_gpus_and_time():
     assert 256 % (big["gpus_per_node"] * big["nodes"]) == 0  # the global batch stays divisible
 
 
+@pytest.mark.process
 def test_an_edited_recipe_or_another_sweep_is_refused_in_a_used_folder(failed_sweep, monkeypatch, capsys):
     """Relaunching into a sweep folder with an edited config would put two versions of the same cells side
     by side in the results; another sweep's name means another grid. Both are refused before anything."""
@@ -341,6 +347,7 @@ def test_an_edited_recipe_or_another_sweep_is_refused_in_a_used_folder(failed_sw
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+@pytest.mark.process
 def test_a_cell_is_done_only_for_the_evaluation_settings_it_has(failed_sweep):
     """A relaunch with another evaluation preset is work to do (the new records), not a finished cell."""
     out, _ = failed_sweep

@@ -50,6 +50,7 @@ def _assert_same_tensors(a, b, where=""):
         assert a == b, f"{where}: {a} != {b}"
 
 
+@pytest.mark.process
 def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(tmp_path):
     steps, every = 40, 5
     extra = [f"train.steps={steps}", f"train.ckpt_every={every}"]
@@ -85,6 +86,7 @@ def test_sigkill_at_several_moments_then_resume_is_bitwise_identical(tmp_path):
     assert any(r.get("event") == "resume" for r in read_jsonl(_only_run_dir(killed) / "metrics.jsonl"))
 
 
+@pytest.mark.process
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     out = tmp_path / "run"
     subprocess.run(_train_cmd(out, "train.steps=10", "train.ckpt_every=5"), check=True, env=one_thread_env(),
@@ -97,6 +99,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
     assert state is not None and state["step"] == 5
 
 
+@pytest.mark.process
 def test_two_gloo_processes_match_one_process(tmp_path):
     extra = ["train.steps=4", "train.ckpt_every=4", "train.global_batch=16"]
     one = tmp_path / "one"
@@ -130,6 +133,7 @@ def _rank_pids(launcher_pid: int) -> dict[int, int]:
     return out
 
 
+@pytest.mark.process
 def test_a_stop_signal_reaching_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # SLURM signals each task of a job on its own: one rank sees USR2 steps before another. Had rank 0 stopped
     # alone, it would wait in its checkpoint's collectives while rank 1 waits in the next step's: a hang.
@@ -160,6 +164,7 @@ def _initial_model(out_dir: Path) -> dict:
     return build_model(cfg).state_dict()
 
 
+@pytest.mark.process
 def test_non_finite_loss_stops_the_cell_as_failed(tmp_path):
     out = tmp_path / "nan"
     r = subprocess.run(_train_cmd(out, "train.steps=20", "train.lr=1e30", "train.ckpt_every=20"),
@@ -170,6 +175,7 @@ def test_non_finite_loss_stops_the_cell_as_failed(tmp_path):
     assert checkpoint.list_steps(_only_run_dir(out) / "checkpoints") == []  # nothing NaN was saved
 
 
+@pytest.mark.process
 def test_loss_and_val_loss_fall_on_digits(tmp_path):
     out = tmp_path / "learn"
     subprocess.run(_train_cmd(out, "train.steps=60", "train.ckpt_every=60", "train.val_every=20",
@@ -193,6 +199,7 @@ def test_loss_and_val_loss_fall_on_digits(tmp_path):
     assert all(r["train_batch_validation"]["split"] == "train" for r in vals if "train_batch_loss" in r)
 
 
+@pytest.mark.process
 def test_bad_input_fails_before_training_and_leaves_checkpoints(tmp_path):
     out = tmp_path / "bad"
     subprocess.run(_train_cmd(out, "train.steps=5", "train.ckpt_every=5"), check=True, env=one_thread_env(),
@@ -220,13 +227,15 @@ def test_batch_plan_rejects_indivisible():
         batch_plan(16, 2, 3)
 
 
+@pytest.mark.process
 def test_an_s_size_cell_learns_on_the_digits_default(tmp_path):
     """Issue acceptance: a paper-size DiT-S (12 blocks, width 384) on the embedded digits (16x16, the data
     config's default) trains on the CPU with the paper's learning rate, and both losses fall."""
     out = tmp_path / "s4"
     cmd = [sys.executable, "-m", "harness.train", "model=S", "patch=4", "data=digits", "train=demo",
            "train.lr=1e-4", "train.global_batch=16", "train.steps=30", "train.log_every=5", "train.val_every=15",
-           "train.val_batch=64", "train.ckpt_every=30", "device=cpu", f"out_dir={out}"]
+           "train.val_batch=64", "train.val_images=32", "train.val_times=4", "train.ckpt_every=30", "device=cpu",
+           f"out_dir={out}"]
     subprocess.run(cmd, check=True, env=one_thread_env(), capture_output=True)
     run_dir = _only_run_dir(out)
     facts = read_json(run_dir / "cell.json")

@@ -198,6 +198,7 @@ def test_plan_grid_and_output_parsing():
         bench.listed_cells(out.splitlines()[0])
 
 
+@pytest.mark.process
 def test_plan_record_of_a_small_grid(tmp_path):
     """The plan benchmark on two cells (S/8, S/4): the sweep's plan in a fresh process and the in-process
     parts; the import-only timing is skipped here (it costs another interpreter start)."""
@@ -247,6 +248,7 @@ def test_summary_merges_a_gpu_check_folder(train_record, tmp_path):
     assert json.loads((tmp_path / "gpu_check.json").read_text())["phases"] == merged["phases"]
 
 
+@pytest.mark.process
 def test_gpu_check_dry_run_plans_every_phase(tmp_path):
     out = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)})

@@ -130,6 +130,7 @@ def test_every_named_grid_plans(name, data_paths, tmp_path, monkeypatch, capsys)
     assert not out.exists(), "plan=true creates nothing"
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("cluster", _options("cluster"))
 def test_the_slurm_launcher_with_each_cluster_preset_plans_from_the_command_line(cluster, tmp_path):
     """The command a SLURM user types, through the whole entry point (its check of the fixed overrides

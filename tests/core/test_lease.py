@@ -164,6 +164,7 @@ def _overlaps(intervals: list[tuple[str, float, float]]) -> list[tuple]:
 
 # ---- racing processes ----
 
+@pytest.mark.process
 @pytest.mark.parametrize("use_lock", [True, False])
 def test_two_processes_race_and_exactly_one_wins(tmp_path, use_lock):
     start_at = time.time() + 0.5
@@ -179,6 +180,7 @@ def test_two_processes_race_and_exactly_one_wins(tmp_path, use_lock):
     assert read_lease(tmp_path) is None  # the winner released
 
 
+@pytest.mark.process
 def test_a_waiting_process_gets_the_lease_after_the_holder_releases(tmp_path):
     start_at = time.time() + 0.5
     procs = [_spawn("hold", tmp_path, start_at=start_at, hold_s=0.4, wait_s=10, **FAST) for _ in range(2)]
@@ -190,6 +192,7 @@ def test_a_waiting_process_gets_the_lease_after_the_holder_releases(tmp_path):
     assert second_in - first_in >= 0.4
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("use_lock", [True, False])
 def test_counter_stress_loses_no_update(tmp_path, use_lock):
     procs, iterations = 4, 25
@@ -200,6 +203,7 @@ def test_counter_stress_loses_no_update(tmp_path, use_lock):
     assert read_lease(tmp_path) is None
 
 
+@pytest.mark.process
 def test_random_interleavings_never_have_two_holders(tmp_path):
     """Property: over random start delays, waits, hold times and deaths while holding, across processes
     with and without the fcntl lock, no two holds of the lease overlap in time."""
@@ -236,6 +240,7 @@ def test_the_overlap_check_sees_an_overlap():
 
 # ---- dead, remote and stale holders ----
 
+@pytest.mark.process
 def test_a_sigkilled_holder_on_this_host_is_taken_over_at_once(tmp_path):
     proc = _spawn("hold", tmp_path, hold_s=60, wait_s=0, heartbeat_s=0.05, stale_after_s=60)
     acquired = _first_event(proc)
@@ -250,6 +255,7 @@ def test_a_sigkilled_holder_on_this_host_is_taken_over_at_once(tmp_path):
         assert rec["token"] == lease.token and rec["took_over"]["pid"] == acquired["pid"]
 
 
+@pytest.mark.process
 def test_a_killed_but_unreaped_holder_counts_as_gone(tmp_path):
     proc = _spawn("hold", tmp_path, hold_s=60, wait_s=0, heartbeat_s=0.05, stale_after_s=60)
     assert _first_event(proc)["event"] == "acquired"
@@ -275,6 +281,7 @@ def test_a_fresh_lease_from_another_host_blocks_and_an_old_one_is_taken_over(tmp
         assert read_lease(tmp_path)["took_over"]["host"] == "node-elsewhere"
 
 
+@pytest.mark.process
 def test_a_dead_pid_counts_only_on_this_very_machine_and_namespace(tmp_path):
     """Same host name but another boot (another machine, or a container sharing the name): the pid says
     nothing, so the heartbeat decides."""
@@ -298,6 +305,7 @@ def test_the_heartbeat_advances_while_held(tmp_path):
         assert rec["token"] == lease.token and not lease.lost and rec["held_here"]
 
 
+@pytest.mark.process
 def test_a_stalled_holder_is_taken_over_and_told_it_lost(tmp_path):
     proc = _spawn("hold", tmp_path, hold_s=30, wait_s=0, **FAST)
     assert _first_event(proc)["event"] == "acquired"
@@ -443,6 +451,7 @@ def test_a_dangling_symlink_counts_as_an_unreadable_lease(tmp_path):
     assert rec["unreadable"] and "symbolic link" in rec["error"] and not rec["stale"]
 
 
+@pytest.mark.process
 def test_the_lease_is_infrastructure_and_imports_no_torch():
     code = "import sys, harness.core.lease; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

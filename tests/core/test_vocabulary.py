@@ -44,6 +44,7 @@ def test_every_recorded_value_belongs_to_a_metric_that_can_be_asked_for():
     assert set(METRIC_OF_KEY) == set(VALUE_KEYS) and set(METRIC_OF_KEY.values()) == set(METRICS)
 
 
+@pytest.mark.process
 def test_the_vocabulary_imports_nothing_heavy():
     """The torch-free analysis reads its labels here: importing it must not load torch or torch-fidelity."""
     code = ("import sys; import harness.core.vocabulary; "

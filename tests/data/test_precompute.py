@@ -70,6 +70,7 @@ def latents_cfg(out, vae, **kw):
     return types.SimpleNamespace(**{**base, **kw})
 
 
+@pytest.mark.process
 def test_resume_after_sigkill_and_exact_moments(src_vae, tmp_path):
     src, vae = src_vae
     out = str(tmp_path / "shards")

@@ -89,6 +89,7 @@ def test_default_model_paths_are_the_real_hubconf_ones():
     assert vocabulary.metric_label("fd_dinov2", extractor=vocabulary.DINOV2_EXTRACTOR) == "FD-DINOv2"
 
 
+@pytest.mark.slow
 def test_fd_dinov2_end_to_end_from_the_local_hub(local_hub, digits_sets):
     test, train = digits_sets
     samples, reference = train[:12], test[:12]

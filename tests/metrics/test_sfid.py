@@ -109,6 +109,7 @@ def random_inception(tmp_path_factory):
 
 # ---- the Frechet distance on sFID's 2,023 dimensions ----
 
+@pytest.mark.slow
 def test_frechet_of_feature_statistics_matches_closed_form_in_2023_dims():
     rng = np.random.default_rng(0)
     d = INCEPTION_SFID_DIM
@@ -165,6 +166,7 @@ def test_inception_spatial_feature_is_mixed_6_conv_flattened_hwc(random_inceptio
     assert not torch.equal(spatial, nhwc[..., :7].permute(0, 3, 1, 2).reshape(2, -1))
 
 
+@pytest.mark.slow
 def test_inception_sfid_through_compute_metrics_offline(random_inception, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     calls = []
@@ -276,6 +278,7 @@ def test_sfid_reference_statistics_are_keyed_by_content(digits_sets, monkeypatch
         assert (folder / f"{rec['reference_stats_id']}-spatial-stats.npz").is_file()
 
 
+@pytest.mark.slow
 def test_report_the_time_sfid_adds_to_a_500_sample_digits_evaluation(digits_sets, capsys):
     test, train = digits_sets
     samples = train[:500]

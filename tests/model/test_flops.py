@@ -188,6 +188,7 @@ def test_cli_readable_table_and_filters(capsys):
         flops.main(["--input-size", "12"])  # patch 8 does not divide 12
 
 
+@pytest.mark.process
 def test_python_dash_m_entry_point():
     args = ["--model", "S", "--patch", "8", "--cond", "adaln_zero", "--compare-paper", "--json"]
     out = subprocess.run([sys.executable, "-m", "harness.model.flops", *args], capture_output=True, text=True,

@@ -185,7 +185,8 @@ def random_fits(d: dict, seed: int, rng) -> dict:
     }
 
 
-@pytest.mark.parametrize("n_sets", [60, pytest.param(200, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("n_sets", [60, 200])
 def test_new_fits_on_random_small_data_sets_are_json_ready(n_sets):
     """The joint law, IsoFLOP profiles and loss -> FID (and both single-variable forms) on random small sweeps:
     each refuses with a documented ValueError or returns a record of plain Python types."""

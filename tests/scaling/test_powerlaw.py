@@ -162,7 +162,8 @@ def test_minimize_retry_returns_a_python_bool(monkeypatch):
         assert_json_ready(law.to_dict())
 
 
-@pytest.mark.parametrize("n_sets", [100, pytest.param(300, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("n_sets", [100, 300])
 def test_fits_of_random_small_data_sets_are_json_ready(n_sets):
     """Both forms on random small data sets (3..12 points, noise up to 30%, degenerate ones): every fit either
     refuses with a ValueError or gives a record of plain Python types."""

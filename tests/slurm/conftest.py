@@ -34,10 +34,13 @@ class SlurmCluster:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Marks every test in this folder `slurm` (a conftest hook sees the whole session's items)."""
+    """Marks every test in this folder `slurm` (a conftest hook sees the whole session's items), and puts them in one
+    xdist group: run in parallel workers (make test), they go to one worker, one after another, as they share the
+    one cluster (its queue, its accounting) and some count what it ran."""
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def read_env_file(path):
