@@ -33,6 +33,7 @@ class SlurmCluster:
     cpus_per_node: int
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Marks every test in this folder `slurm` (a conftest hook sees the whole session's items), and puts them in one
     xdist group: run in parallel workers (make test), they go to one worker, one after another, as they share the
