@@ -197,6 +197,18 @@ def validation_lines(metrics: list[dict]) -> dict[int, dict]:
     return out
 
 
+# The validation loss of the weights an evaluation sampled from (eval.weights): what a loss-to-FID law pairs with
+# its FID, and so the loss the compute-optimal laws fit when they predict FID.
+LOSS_OF_WEIGHTS = {"ema": "val_loss_ema", "model": "val_loss"}
+
+
+def evaluated_loss(eval_df: pd.DataFrame | None) -> str:
+    """Returns the validation-loss column of the weights the table's evaluations sampled from (the EMA model's,
+    the paper's protocol, unless every record says `weights: model`)."""
+    weights = set() if eval_df is None or "weights" not in eval_df else set(eval_df["weights"].dropna())
+    return LOSS_OF_WEIGHTS["model"] if weights == {"model"} else LOSS_OF_WEIGHTS["ema"]
+
+
 def epochs_of(images_seen, unique) -> float:
     """Returns images seen / distinct training images (NaN when unknown or for a stream that never repeats)."""
     if unique is None or pd.isna(unique) or not unique or images_seen is None or pd.isna(images_seen):

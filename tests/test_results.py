@@ -160,3 +160,12 @@ def test_records_of_earlier_extractor_weights_are_labelled_and_never_mixed(tmp_p
     old_only = old_only[~old_only["extractor_current"]]
     with pytest.raises(ValueError, match="different weights"):
         comparable(old_only, "fid")
+
+
+def test_the_loss_paired_with_fid_is_that_of_the_evaluated_weights():
+    from harness.results import evaluated_loss
+
+    assert evaluated_loss(pd.DataFrame({"weights": ["ema", "ema"]})) == "val_loss_ema"
+    assert evaluated_loss(pd.DataFrame({"weights": ["model", "model"]})) == "val_loss"
+    assert evaluated_loss(pd.DataFrame({"weights": ["model", "ema"]})) == "val_loss_ema"  # mixed: the paper's
+    assert evaluated_loss(None) == "val_loss_ema"

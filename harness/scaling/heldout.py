@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from harness.core.vocabulary import metric_label
+from harness.results import evaluated_loss
 from harness.scaling.fitting import percentile_ci, to_plain, with_scatter
 from harness.scaling.isoflop import isoflop_profiles
 from harness.scaling.joint import JointLaw, fit_joint_law
@@ -50,7 +51,7 @@ def holdout_check(
     val_df: pd.DataFrame,
     eval_df: pd.DataFrame | None = None,
     n_holdout: int = 1,
-    metric: str = "val_loss_ema",
+    metric: str | None = None,
     fid_metric: str = "fid",
     n_resamples: int = HOLDOUT_RESAMPLES,
     seed: int = 0,
@@ -68,6 +69,7 @@ def holdout_check(
     the fit's residuals), rel_error (predicted / measured - 1), inside. A part that cannot be fitted gives
     {"error": why}. ValueError when too few sizes remain to fit.
     """
+    metric = metric or evaluated_loss(eval_df)  # the loss of the evaluated weights (harness.results)
     rows = validation_points(val_df, metric, cond, allow_mixed)
     sizes = np.sort(rows["gflops"].unique())
     if not 1 <= n_holdout <= len(sizes) - MIN_SIZES:

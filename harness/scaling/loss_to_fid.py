@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-from harness.results import comparable
+from harness.results import comparable, evaluated_loss
 from harness.scaling.fitting import percentile_ci, to_plain, with_scatter
 from harness.scaling.powerlaw import HUBER_DELTA, LEVEL, N_RESAMPLES, ScalingLaw, fit_law
 from harness.scaling.rows import NEGLIGIBLE_FRAC, _as_1d, _check_positive, _one_setting
@@ -326,10 +326,12 @@ def fit_loss_to_fid_table(
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     level: float = LEVEL,
-    loss_metric: str = "val_loss_ema",
+    loss_metric: str | None = None,
 ) -> LossToFid:
-    """Returns `fit_loss_to_fid` over every evaluated (cell, step) of the results table with `loss_metric` at that
-    step, with the metric's floor the records carry (`LossToFid.floor`)."""
+    """Returns `fit_loss_to_fid` over every evaluated (cell, step) of the results table with `loss_metric` (default:
+    the held-out loss of the weights the evaluations sampled from, `harness.results.evaluated_loss`) at that step,
+    with the metric's floor the records carry (`LossToFid.floor`)."""
+    loss_metric = loss_metric or evaluated_loss(eval_df)
     rows, label = fid_points(eval_df, fid_metric, cond, allow_mixed, loss_metric)
     fit = fit_loss_to_fid(
         rows[loss_metric].to_numpy(),

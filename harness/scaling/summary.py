@@ -11,6 +11,7 @@ import pandas as pd
 
 from harness.core.compute import FORWARD_BACKWARD_FACTOR
 from harness.core.vocabulary import metric_label
+from harness.results import evaluated_loss
 from harness.scaling.fitting import percentile_ci, to_plain
 from harness.scaling.heldout import HOLDOUT_RESAMPLES, holdout_check
 from harness.scaling.isoflop import isoflop_profiles
@@ -48,7 +49,7 @@ def compute_optimal_summary(
     budgets=None,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
-    metric: str = "val_loss_ema",
+    metric: str | None = None,
     fid_metric: str = "fid",
     cond: str | None = "adaln_zero",
     allow_mixed: bool = False,
@@ -57,6 +58,11 @@ def compute_optimal_summary(
     fits: dict | None = None,
 ) -> dict:
     """Returns what a compute budget buys: per budget the compute-optimal size, images, `metric` and FID.
+
+    `metric` (default: the held-out validation loss of the weights the evaluations sampled from, EMA unless every
+    record sampled the raw model: `harness.results.evaluated_loss`) is what the joint law and the IsoFLOP
+    profiles fit and what the loss-to-FID law maps, so that the predicted loss and the FID it maps to are of one
+    set of weights.
 
     `fits`, when given, receives the fitted objects ("joint", "isoflop", "loss_to_fid": JointLaw, IsoFlopResult,
     LossToFid, or None), so a caller can draw them without fitting again.
@@ -69,6 +75,7 @@ def compute_optimal_summary(
     (what could not be determined and why). Plain JSON-ready values.
     """
     notes: list[str] = []
+    metric = metric or evaluated_loss(eval_df)
     rows = validation_points(val_df, metric, cond, allow_mixed)
     if budgets is None:
         budgets, beyond = summary_budgets(rows)
