@@ -6,6 +6,11 @@
 #   bash tests/slurm/cluster.sh status [DIR]   # print what runs
 #   bash tests/slurm/cluster.sh down   [DIR]   # cancel jobs, stop daemons by pid file
 #
+# Faults for the chaos soak (python -m harness.soak), on a cluster that is up; jobs keep running through them:
+#   bash tests/slurm/cluster.sh restart-ctld [DIR] [DOWN_S]   # stop slurmctld, DOWN_S seconds later start it again
+#   bash tests/slurm/cluster.sh stop-slurmd  [DIR]            # stop slurmd (running jobs' slurmstepd go on)
+#   bash tests/slurm/cluster.sh start-slurmd [DIR]            # start slurmd again (a no-op when it runs)
+#
 # DIR defaults to $HARNESS_SLURM_DIR or /tmp/harness-slurm. Clients: `source DIR/env.sh` (exports SLURM_CONF).
 # Needs root (daemons run as root) on Debian 12.
 set -euo pipefail
@@ -339,9 +344,48 @@ status() {
   return "$rc"
 }
 
+# The fault verbs act on a cluster this script brought up, never on a foreign one.
+need_cluster() {
+  [[ -e "$DIR/.harness-slurm" ]] || die "no cluster in $DIR"
+  export SLURM_CONF="$DIR/etc/slurm.conf"
+}
+
+# Stops slurmctld (TERM: it saves its state), waits $1 seconds, starts it again and waits until it answers.
+# Jobs keep running on the node: slurmd and slurmstepd do not need the controller until a job ends.
+restart_ctld() {
+  local down_s="${1:-0}" t0
+  [[ "$down_s" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "restart-ctld: DOWN_S='$down_s' is not a number of seconds"
+  need_cluster
+  t0="$(now)"
+  stop_group slurmctld
+  sleep "$down_s"
+  live_pid slurmctld > /dev/null || slurmctld
+  wait_for "slurmctld answering" bash -c "scontrol ping | grep -q UP"
+  echo "slurmctld restarted in $(elapsed "$t0") s (down ${down_s} s)"
+}
+
+# slurmd alone: the node stops answering the controller, its running jobs go on under slurmstepd.
+stop_slurmd() {
+  need_cluster
+  stop_group slurmd
+}
+
+start_slurmd() {
+  local t0
+  need_cluster
+  t0="$(now)"
+  if live_pid slurmd > /dev/null; then echo "slurmd: already running"; return 0; fi
+  slurmd -N "$NODE"
+  wait_for slurmd live_pid slurmd
+  echo "slurmd: started in $(elapsed "$t0") s"
+}
+
 case "$cmd" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) die "unknown command '${cmd}': use up, down or status (then an optional state folder)" ;;
+  restart-ctld) restart_ctld "${3:-0}" ;;
+  stop-slurmd) stop_slurmd ;;
+  start-slurmd) start_slurmd ;;
+  *) die "unknown command '${cmd}': use up, down, status, restart-ctld, stop-slurmd or start-slurmd (then an optional state folder)" ;;
 esac
