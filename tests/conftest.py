@@ -61,3 +61,21 @@ def _fast_tier_starts_no_process(request, monkeypatch):
                              "@pytest.mark.process (make test-fast leaves those out)")
 
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+# The one tiny trained cell the command tests share (trained once per session, by the train command as a user runs
+# it): the tiny digits cell at patch 4, 4 steps, checkpoints at 2 and 4, every checkpoint kept.
+TRAINED_STEPS = 4
+
+
+@pytest.fixture(scope="session")
+def trained_cell(tmp_path_factory):
+    """The run folder of the session's tiny trained cell. Read it; copy it (shutil.copytree) to change it."""
+    from helpers import TINY_CELL, run_module
+
+    out = tmp_path_factory.mktemp("trained_cell")
+    r = run_module("harness.train", *TINY_CELL, "patch=4", f"train.steps={TRAINED_STEPS}", "train.ckpt_every=2",
+                   "train.log_every=2", "train.val_every=10", "train.keep_last=100", "eval=digits", f"out_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = [p for p in out.iterdir() if (p / "cell.json").exists()]
+    return run_dir

@@ -39,16 +39,11 @@ TRAIN = (*TINY_CELL, "patch=4", f"train.steps={STEPS}", "train.ckpt_every=2")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The run folder of a tiny cell trained to step 4 (checkpoints at 2 and 4, label dropout 0.1)."""
-    out = tmp_path_factory.mktemp("trained")
-    r = run_module("harness.train", *TRAIN, f"out_dir={out}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run_dir,) = [p for p in out.iterdir() if (p / "cell.json").exists()]
-    return run_dir
+def trained(trained_cell) -> Path:
+    """The run folder of the session's tiny cell trained to step 4 (checkpoints at 2 and 4, label dropout 0.1;
+    tests/conftest.py); a case that changes it works on a copy."""
+    return trained_cell
 
-
-# ---- how a case prepares its folder (it holds the case's copy of the run folder as run/ when asked) ----
 
 def _edit_config(old: str, new: str) -> Callable[[Path], None]:
     def edit(tmp: Path) -> None:

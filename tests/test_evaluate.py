@@ -55,13 +55,11 @@ def _evaluate_cmd(run: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny digits cell trained by `python -m harness.train` to STEPS, checkpoints at 2 and 4."""
-    out = tmp_path_factory.mktemp("eval_runs")
-    cmd = [sys.executable, "-m", "harness.train", *TINY, f"out_dir={out}", f"train.steps={STEPS}",
-           "train.ckpt_every=2"]
-    subprocess.run(cmd, check=True, env=one_thread_env(), capture_output=True, timeout=300)
-    (run,) = [p for p in out.iterdir() if (p / "cell.json").exists()]
+def trained(trained_cell, tmp_path_factory) -> Path:
+    """The session's tiny trained cell (tests/conftest.py: trained to STEPS by `python -m harness.train`,
+    checkpoints at 2 and 4), copied: this module's evaluations write into it."""
+    run = tmp_path_factory.mktemp("eval_runs") / trained_cell.name
+    shutil.copytree(trained_cell, run)
     assert checkpoint.list_steps(run / "checkpoints") == [2, STEPS]
     return run
 

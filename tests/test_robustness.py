@@ -130,10 +130,14 @@ def test_torn_small_files_are_recovered_not_fatal(tmp_path, capsys):
     subprocess.run(train_cmd(out, "train.steps=10", "train.ckpt_every=5"), check=True, env=one_thread_env(),
                    capture_output=True)
     run = only_run_dir(out)
-    # A torn sidecar makes its checkpoint unusable: the previous one is used, and the log says so.
-    sidecar = checkpoint.ckpt_path(run / "checkpoints", 10).with_suffix(".json")
+    # A torn sidecar beside a whole checkpoint (every zip record passes its CRC-32) loses the checksum, not the
+    # checkpoint: it is trusted. Beside a torn checkpoint it is not: the previous one is used, and the log says so.
+    ckpt = checkpoint.ckpt_path(run / "checkpoints", 10)
+    sidecar = ckpt.with_suffix(".json")
     sidecar.write_text(sidecar.read_text()[:7])
-    assert "sidecar is torn" in checkpoint.verify(checkpoint.ckpt_path(run / "checkpoints", 10))
+    assert checkpoint.verify(ckpt) is None and checkpoint.load_latest(run / "checkpoints")["step"] == 10
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    assert "sidecar is torn and it is not a whole zip archive" in checkpoint.verify(ckpt)
     assert checkpoint.load_latest(run / "checkpoints")["step"] == 5
     # A torn status.json reads as rebuilt from the checkpoints and the log; status shows the rest of a sweep.
     (run / "status.json").write_text('{"state": "runn')
@@ -155,7 +159,7 @@ def test_torn_small_files_are_recovered_not_fatal(tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_json(run / "cell.json")["cell_id"] == run.name
     assert read_status(run)["state"] == "finished" and "rebuilt" not in read_status(run)
-    assert {"event": "resume", "step": 5} in read_jsonl(run / "metrics.jsonl")  # from 5: 10's sidecar is torn
+    assert {"event": "resume", "step": 5} in read_jsonl(run / "metrics.jsonl")  # from 5: 10 is torn
 
 
 def _file_size_limit(limit_bytes: int):

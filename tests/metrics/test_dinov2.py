@@ -18,7 +18,6 @@ import torch
 from torch_fidelity.utils import create_feature_extractor
 
 from harness.core import vocabulary
-from harness.core.config import DataConfig
 from harness.core.vocabulary import DIGITS_EXTRACTOR
 from harness.metrics import fidelity as M
 from harness.metrics import inception, references
@@ -73,11 +72,6 @@ def local_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "input", no_prompt)
     return types.SimpleNamespace(paths=paths, calls=calls, state=net.state_dict())
 
-
-@pytest.fixture(scope="module")
-def digits_sets():
-    cfg = DataConfig(name="digits", image_size=16)
-    return references.reference_images(cfg, "test"), references.reference_images(cfg, "train")
 
 
 def test_default_model_paths_are_the_real_hubconf_ones():

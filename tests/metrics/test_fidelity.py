@@ -10,8 +10,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 import torch_fidelity
+from fixtures_metrics import TestExtractor
 from PIL import Image
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
@@ -26,7 +26,7 @@ PACKED = "test-packed-float32"
 PACKED_DIM = 12  # 12 float32 features = 48 bytes = one 4x4 RGB image
 
 
-class PackedFloatExtractor(FeatureExtractorBase):
+class PackedFloatExtractor(TestExtractor):
     """Identity-like extractor: the features are the float32 values packed into each image's HWC bytes.
 
     Exact features let the test compare the harness's FID with a closed form to rounding error, and any
@@ -43,14 +43,6 @@ class PackedFloatExtractor(FeatureExtractorBase):
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
         return "packed"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
 
     def forward(self, x):
         b = x.shape[0]
@@ -98,11 +90,6 @@ def digits_cache(tmp_path_factory):
 def digits_info():
     return inhouse.extractor_info("digits-cnn")
 
-
-@pytest.fixture(scope="module")
-def digits_sets():
-    cfg = DataConfig(name="digits", image_size=16)
-    return references.reference_images(cfg, "test"), references.reference_images(cfg, "train")
 
 
 # ---- pure functions ----

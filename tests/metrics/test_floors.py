@@ -9,15 +9,15 @@ from harness.metrics import fidelity, floors, references
 
 
 @pytest.fixture(scope="module")
-def digits_sets():
+def digits_floor_sets():
     cfg = compose(["data=digits", "data.image_size=8"])
     reference = references.reference_images(cfg.data, "test")
     real, split = references.floor_images(cfg.data, "test")
     return reference, real, split
 
 
-def test_the_digits_floor_of_fid_500_from_three_disjoint_draws_is_cached(digits_sets, tmp_path, monkeypatch):
-    reference, real, split = digits_sets
+def test_the_digits_floor_of_fid_500_from_three_disjoint_draws_is_cached(digits_floor_sets, tmp_path, monkeypatch):
+    reference, real, split = digits_floor_sets
     assert split == "train" and len(real) == 1501 and len(reference) == 296  # real images beside the reference
     kw = dict(extractor="digits-cnn", data_name="digits", split="test", real_split=split, cache=tmp_path)
     floor = floors.metric_floor(real, reference, 500, metrics=("fid", "isc", "prc"), **kw)
@@ -35,8 +35,8 @@ def test_the_digits_floor_of_fid_500_from_three_disjoint_draws_is_cached(digits_
     assert floors.metric_floor(real, reference, 500, metrics=("fid", "prc"), **kw) == floor
 
 
-def test_a_floor_beyond_the_real_images_is_extrapolated_in_one_over_n(digits_sets, tmp_path):
-    reference, real, split = digits_sets
+def test_a_floor_beyond_the_real_images_is_extrapolated_in_one_over_n(digits_floor_sets, tmp_path):
+    reference, real, split = digits_floor_sets
     floor = floors.metric_floor(real, reference, 5000, extractor="digits-cnn", data_name="digits", split="test",
                                 metrics=("fid",), real_split=split, cache=tmp_path)
     assert floor["counts"] == [125, 250, 500] and floor["method"].startswith("extrapolated")

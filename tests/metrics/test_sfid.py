@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from fixtures_metrics import TestExtractor
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
-from harness.core.config import DataConfig
 from harness.core.vocabulary import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, INCEPTION_SPATIAL_EXTRACTOR, SPATIAL_FEATURE
 from harness.metrics import fidelity as M
 from harness.metrics import frechet, inception, inhouse, references
@@ -23,7 +22,7 @@ POINTWISE = "test-pointwise-spatial"
 INCEPTION_SFID_DIM = 17 * 17 * frechet.SFID_CHANNELS  # ADM: mixed_6/conv is 17 x 17 at 299 x 299
 
 
-class PointwiseExtractor(FeatureExtractorBase):
+class PointwiseExtractor(TestExtractor):
     """A fixed random per-pixel network (two 1x1 convolutions) over a map (N, 8, H, W).
 
     Its FID feature is the map's global average, sFID's the map's SPATIAL_FEATURE: spatially rearranged images
@@ -43,14 +42,6 @@ class PointwiseExtractor(FeatureExtractorBase):
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
         return SPATIAL_FEATURE if metric == "sfid" else "pooled"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
 
     def forward(self, x):
         h = F.relu(torch.einsum("oc,nchw->nohw", self.w1, x.to(torch.float64) / 255))
@@ -80,11 +71,6 @@ def exact_moments(rng, n: int, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
     z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # sample covariance I
     return z * np.sqrt(var) + mu
 
-
-@pytest.fixture(scope="module")
-def digits_sets():
-    cfg = DataConfig(name="digits", image_size=16)
-    return references.reference_images(cfg, "test"), references.reference_images(cfg, "train")
 
 
 @pytest.fixture(scope="module")
