@@ -507,6 +507,56 @@ def _holdout_markdown(hold: dict, label: str, pct: str) -> list[str]:
     return md + [_markdown_table(header, table)]
 
 
+def findings(summary: dict) -> list[str]:
+    """Returns what a compute-optimal study found, in plain words, for the top of its section: the allocation
+    exponent a (N_opt ~ C^a) by each method with its interval and whether the two agree, how many budgets had an
+    IsoFLOP minimum inside the trained sizes, the held-out cells' predicted and measured loss and FID, and what the
+    study cannot say."""
+    pct = f"{100 * summary['level']:g}%"
+    joint, iso, hold = summary.get("joint_law") or {}, summary.get("isoflop") or {}, summary.get("holdout") or {}
+    md = ["**What this study found.**", ""]
+    intervals = {}
+    if joint.get("allocation_exponents"):
+        (lo, hi), _ = joint["allocation_exponents_ci"]
+        intervals["joint law (Approach 3)"] = (joint["allocation_exponents"][0], lo, hi)
+    if iso.get("determined"):
+        lo, hi = iso["exponent_ci"]
+        intervals["IsoFLOP minima (Approach 2)"] = (iso["exponent"], lo, hi)
+    for method, (a, lo, hi) in intervals.items():
+        md.append(f"- Compute-optimal size N_opt ~ C^a by the {method}: a = {a:.3g} [{lo:.3g}, {hi:.3g}] ({pct}; "
+                  f"width {hi - lo:.2g}).")
+    if len(intervals) == 2:
+        (_, l1, h1), (_, l2, h2) = intervals.values()
+        agree = max(l1, l2) <= min(h1, h2)
+        verdict = "agree: their intervals overlap" if agree else "disagree: their intervals do not overlap"
+        md.append(f"- The two methods {verdict}.")
+    else:
+        missing = [m for m in ("joint law (Approach 3)", "IsoFLOP minima (Approach 2)") if m not in intervals]
+        md.append(f"- Not determined by the {' nor the '.join(missing)}: see the notes below.")
+    minima = [p for p in iso.get("profiles", []) if p.get("size_opt") is not None]
+    if iso.get("profiles"):
+        md.append(f"- IsoFLOP: {len(minima)} of {len(iso['profiles'])} budgets have a minimum inside the sizes "
+                  "trained at that budget.")
+    if hold and "error" not in hold:
+        cells = ", ".join(hold["held_out_cells"])
+        for key, what in (("joint", f"{summary['label']}"), ("loss_to_fid", "FID from its measured loss"),
+                          ("fid_from_predicted_loss", "FID from the predicted loss")):
+            part = hold.get(key)
+            if part and "error" not in part:
+                rows = part.get("rows") or []
+                last = rows[-1] if rows else None
+                example = (f"; at its last record predicted {last['predicted']:.4g}, measured {last['measured']:.4g}"
+                           if last and "predicted" in last else "")
+                inside = (f", {100 * part['fraction_inside']:.0f}% of its records inside the {pct} prediction interval"
+                          if math.isfinite(part.get("fraction_inside", math.nan)) else "")
+                md.append(f"- The held-out largest cell ({cells}), {what}: median absolute error "
+                          f"{100 * part['median_abs_rel_error']:.1f}%{inside}{example}.")
+    md.append("- What it cannot say: the laws hold over the sizes and budgets measured; beyond them (the budgets "
+              "marked beyond the sweep) they are extrapolations, a single seed per cell leaves seed-to-seed "
+              "spread out of the intervals, and the FID is the in-house extractor's, comparable only with itself.")
+    return md + [""]
+
+
 def format_compute_optimal_markdown(summary: dict) -> str:
     """Returns the summary of harness.scaling.compute_optimal_summary as a Markdown section titled
     "Compute-optimal": the table of budgets, the laws, the IsoFLOP budgets, the held-out check, the notes."""
@@ -523,6 +573,7 @@ def format_compute_optimal_markdown(summary: dict) -> str:
         f"({summary['n_resamples']} resamples). "
         f"Budgets: {summary['budget_rule']}.",
         "",
+        *findings(summary),
         _budgets_markdown(summary),
         "",
     ]

@@ -36,6 +36,13 @@ def test_summary_gives_each_budget_size_images_loss_and_fid_with_intervals(sweep
     assert md.startswith("## Compute-optimal\n")
     assert md.count("beyond the sweep") >= 2 and "Held-out check" in md
     assert f"{budgets[1]['size_opt']['value']:.3g}" in md
+    # the section opens with what the study found, in plain words
+    found = md[md.index("**What this study found.**"):md.index("| training compute")]
+    a = summary["joint_law"]["allocation_exponents"][0]
+    assert f"by the joint law (Approach 3): a = {a:.3g}" in found and "What it cannot say" in found
+    assert "held-out largest cell (DiT-XL-2_adaln_zero_synth_s0)" in found
+    if summary["isoflop"].get("determined"):
+        assert "by the IsoFLOP minima (Approach 2)" in found and "The two methods" in found
 
 
 def test_summary_of_data_that_cannot_determine_the_optimum_says_so():
