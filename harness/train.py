@@ -569,6 +569,7 @@ def _validate(run_dir, env, progress: Progress, s: Stepper, objective, vs: heldo
               seen: heldout.ValidationSet | None = None) -> None:
     """Writes the validation line: the loss of the model and of its EMA on the fixed held-out set, with standard
     errors (harness.heldout), the epochs the step is at, and with `seen` the same on a fixed training batch."""
+    t0 = time.perf_counter()
     rec = {"step": progress.step, "images_seen": progress.images_seen,
            "epochs": epochs(progress.images_seen, progress.unique_images),
            "unique_train_images": progress.unique_images,
@@ -577,6 +578,7 @@ def _validate(run_dir, env, progress: Progress, s: Stepper, objective, vs: heldo
         on_training = heldout.validation_record(s.model, s.ema, objective, seen, s.autocast)
         rec.update({k: v for k, v in on_training.items() if k != "validation"},
                    train_batch_validation=on_training["validation"])
+    rec["val_wall_s"] = time.perf_counter() - t0  # what validating cost: its share of the cell's wall time
     if env.is_main:
         append_jsonl(run_dir / "metrics.jsonl", rec)
         tracking.log_line(run, rec, "val")
