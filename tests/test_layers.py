@@ -46,6 +46,8 @@ def test_the_contracts_hold(copy_of_the_package):
     ("harness/results.py", "import harness.model.flops", "imports nothing that builds torch models"),  # the analysis
     ("harness/core/cli.py", "import harness.core.config", "The core is layered"),       # inside the core, upwards
     ("harness/scaling/fitting.py", "import harness.scaling.summary", "The scaling package is layered"),
+    ("harness/soak/cluster.py", "import harness.soak.faults", "The soak is layered"),
+    ("harness/soak/faults.py", "import harness.soak.invariants", "The soak is layered"),  # sideways
     ("harness/data/datasets.py", "import harness.metrics.fidelity", "nothing imports the benchmarks"),  # sideways
 ])
 def test_a_wrong_way_import_breaks_a_contract(copy_of_the_package, module, bad_import, contract):

@@ -9,6 +9,7 @@ The long version (100+ faults over 20+ minutes, 8 cells) is the command itself; 
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -74,4 +75,4 @@ def test_short_soak_breaks_no_invariant(tmp_path, slurm_cluster):
     # Most faults found something to hit (the others are recorded with why not).
     assert report["faults_applied"] >= 4, report["faults_by_kind"]
     assert json.loads((out / "schedule.json").read_text())["faults"] == [
-        json.loads(json.dumps(soak.asdict(f))) for f in soak.make_schedule(SEED, 8, 1.5)]
+        json.loads(json.dumps(asdict(f))) for f in soak.make_schedule(SEED, 8, 1.5)]
