@@ -317,13 +317,18 @@ def training_settings(cfg: Any) -> dict:
 
 
 def register_configs() -> None:
-    """Register the schema so conf/config.yaml composes onto typed nodes, and each named grid of sweeps/ as an option
-    of the group `sweeps` (at the config's root, as its `# @package _global_` header says): Hydra finds them without
-    a search path over the repository."""
+    """Register the schema so conf/config.yaml composes onto typed nodes, each named grid of sweeps/ as an option
+    of the group `sweeps` (at the config's root, as its `# @package _global_` header says), and each grid's own
+    groups (sweeps/<group>/*.yaml): Hydra finds them without a search path over the repository."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     for path in named_sweeps():
         cs.store(group="sweeps", name=path.stem, node=OmegaConf.load(path), package="_global_", provider="harness")
+    # A grid whose cells differ in more than one value at once (a size and its training duration) sweeps a group of
+    # its own: sweeps/<group>/<option>.yaml, each option the values of one cell, at the config's root.
+    for path in sorted(SWEEPS_DIR.glob("*/*.yaml")):
+        cs.store(group=path.parent.name, name=path.stem, node=OmegaConf.load(path), package="_global_",
+                 provider="harness")
 
 
 def named_sweeps() -> list[Path]:

@@ -20,7 +20,7 @@ from harness.model import dit
 
 GROUPS = ("model", "data", "train", "eval", "objective")
 SWEEPS = sorted(p.stem for p in (REPO_ROOT / "sweeps").glob("*.yaml"))
-SWEEP_CELLS = {"paper": 12, "conditioning": 4, "demo": 6, "scaling": None}  # None: checked by its own test
+SWEEP_CELLS = {"paper": 12, "conditioning": 4, "demo": 6, "scaling": 6}
 
 # The cell ids of grids that studies have already run: the harness must never rename them. (Recorded with the
 # first release of the harness; paper cells depend on the shard path, here the literal "SHARDS".)
@@ -110,6 +110,26 @@ def test_the_model_table_is_the_registry():
                                                                  size["num_heads"])
     off = [o for o in _options("model") if o not in dit.MODEL_SIZES]
     assert off and all(compose([f"model={o}"]).model.off_paper for o in off)
+
+
+def test_the_scaling_study_trains_smaller_sizes_longer():
+    """Each option of sweeps/scaling_size/ is one cell of sweeps=scaling: its width with its steps, validated at
+    log-spaced steps from step 100 (past the warm-up) up to its last and evaluated at its middle and last step.
+    The steps fall as the width grows (the IsoFLOP design: several sizes' training curves cross each budget),
+    and every cell composes valid."""
+    options = sorted(p.stem for p in (REPO_ROOT / "sweeps" / "scaling_size").glob("*.yaml"))
+    cfgs = sorted((compose(["sweeps=scaling", f"scaling_size={o}"]) for o in options),
+                  key=lambda c: c.model.hidden_size)
+    assert len(cfgs) == SWEEP_CELLS["scaling"]
+    widths = [c.model.hidden_size for c in cfgs]
+    steps = [c.train.steps for c in cfgs]
+    assert widths == sorted(set(widths)) and steps == sorted(steps, reverse=True) and len(set(steps)) == len(steps)
+    for c in cfgs:
+        assert c.model.name == f"w{c.model.hidden_size}" and c.data.name == "shapes"
+        val = list(c.train.val_at_steps)
+        assert val == sorted(set(val)) and val[-1] == c.train.steps and val[0] <= 100
+        assert list(c.eval.at_steps) == [c.train.steps // 2, c.train.steps]
+        assert not cell.validate(c), cell.validate(c)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
