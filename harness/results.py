@@ -275,6 +275,7 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
         row["extractor_current"] = weights_id(row["extractor"]) in (None, row["extractor_weights"])
         unique = ev.get("unique_train_images") or unique
         rows.append(row)
+    rows = _one_per_measurement(rows, [len(ev) for ev in sorted(evals, key=lambda e: e["step"])])
     if not rows:
         # A pending, running or failed cell: keep it in the table so its state is visible.
         step = int(status.get("step", 0) or 0)
@@ -289,6 +290,24 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
         row["epochs"] = epochs_of(row["images_seen"], row["unique_train_images"])
         row["train_loss"] = _train_loss_at(metrics, row["step"])
     return rows
+
+
+def _one_per_measurement(rows: list[dict], fields: list[int]) -> list[dict]:
+    """Returns `rows` with one row per measurement: records of one step made the same way (every evaluation
+    setting equal, the extractor's weights included) but under two settings hashes are one measurement, the
+    record of an earlier harness (whose hash covers fewer settings) and the one a later harness wrote beside it.
+    Counted twice they would weigh twice in a fit. Keeps the one with more fields (the later); order kept."""
+    def key(row: dict) -> tuple:
+        return (row["step"], row["extractor_weights"],
+                *(json.dumps(row.get(k), default=str) for k in EVAL_SETTINGS if k != "settings_hash"))
+
+    best: dict[tuple, int] = {}
+    for i, row in enumerate(rows):
+        j = best.get(key(row))
+        if j is None or fields[i] >= fields[j]:
+            best[key(row)] = i
+    keep = set(best.values())
+    return [row for i, row in enumerate(rows) if i in keep]
 
 
 def _extractor_weights(record: dict) -> str | None:

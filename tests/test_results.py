@@ -162,6 +162,26 @@ def test_records_of_earlier_extractor_weights_are_labelled_and_never_mixed(tmp_p
         comparable(old_only, "fid")
 
 
+def test_a_record_measured_again_the_same_way_counts_once(tmp_path):
+    """A folder of an earlier harness relaunched: its records lack settings the settings hash now covers, so the
+    evaluation writes a second record of the same measurement beside each (same step, settings and extractor
+    weights); the table holds each measurement once, the later record's, and keeps records that differ."""
+    sweep = make_demo_sweep(tmp_path / "demo")
+    before = load_results(sweep)
+    for run in (p for p in sweep.iterdir() if p.is_dir()):
+        for rec_path in sorted((run / "evals").glob("step_*.json")):
+            rec = json.loads(rec_path.read_text())
+            rec.update(settings_hash="feedbeef", floor={"values": {"fid": {"mean": 1.5, "spread": 0.1}}})
+            (run / "evals" / rec_path.name.replace(".json", "_feedbeef.json")).write_text(json.dumps(rec))
+            rec.update(settings_hash="0ddba115", num_samples=rec["num_samples"] * 2)
+            (run / "evals" / rec_path.name.replace(".json", "_0ddba115.json")).write_text(json.dumps(rec))
+    after = load_results(sweep)
+    assert len(after) == 2 * len(before)
+    same = after[after["num_samples"].isin(before["num_samples"])]
+    assert len(same) == len(before) and set(same["settings_hash"]) == {"feedbeef"}
+    assert (same["fid_floor"] == 1.5).all()
+
+
 def test_the_loss_paired_with_fid_is_that_of_the_evaluated_weights():
     from harness.results import evaluated_loss
 
