@@ -52,7 +52,7 @@ def open_run(cfg: Any, run_dir: Path, job_type: str, run_name: str | None = None
         project=w.get("project") or "harness", entity=w.get("entity") or None,
         group=w.get("group") or str(cfg.sweep_name), tags=list(w.get("tags") or []), job_type=job_type,
         name=name, id=run_id(name), resume="allow", dir=str(run_dir), mode=mode,
-        config=OmegaConf.to_container(cfg, resolve=True), settings=wandb.Settings(silent=True),
+        config=run_config(cfg), settings=wandb.Settings(silent=True),
     )
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
@@ -87,6 +87,12 @@ def log_evaluation(run, record: dict, grid_png: Path | None) -> None:
         values["eval/samples"] = wandb.Image(str(grid_png), caption=f"step {record['step']}: the first samples "
                                              f"(labels and noise fixed by the seed), {name} {fid:.4g}")
     run.log({k: v for k, v in values.items() if v is not None})
+
+
+def run_config(cfg: Any) -> dict:
+    """The config a run records: every section but Hydra's own, whose sweep paths (`hydra.sweep.subdir` reads
+    `hydra.job.num`) resolve only inside a job, not in the sweep that logs its results table."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
 
 def log_results_table(cfg: Any, sweep_dir: Path, table) -> None:

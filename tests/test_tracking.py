@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from helpers import QUICK_EVAL, TINY_CELL, one_thread_env, read_wandb_run
 
 pytestmark = pytest.mark.process
@@ -57,6 +58,9 @@ def test_the_sweeps_results_table_is_logged_once_in_a_run_of_its_own(tmp_path):
 
     sweep = make_demo_sweep(tmp_path / "demo")
     cfg = compose(["sweeps=demo", "train.wandb=offline", f"out_dir={sweep}"])
+    # as the sweep holds it: with Hydra's node, whose job number is set only inside a job
+    OmegaConf.set_struct(cfg, False)
+    cfg.hydra = {"sweep": {"subdir": "${hydra.job.num}"}, "job": {"num": "???"}}
     table = load_results(sweep)
     tracking.log_results_table(cfg, sweep, table)
     (run,) = (sweep / "wandb").glob("offline-run-*")
