@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 from helpers import QUICK_EVAL, TINY_CELL, one_thread_env, read_wandb_run
+from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.process
 
