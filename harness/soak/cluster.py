@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.core import lease
+from harness.core.config import REPO_ROOT
 from harness.core.runfolder import read_json
 
-REPO = Path(__file__).resolve().parents[2]
-CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
+CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
 DEFAULT_CLUSTER_DIR = "/tmp/harness-slurm"  # cluster.sh's own default state folder
 
 CLIENT_TIMEOUT_S = 30  # a SLURM client that has not answered by then never will (slurmctld may be down)
