@@ -255,7 +255,8 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
     val = validation_lines(metrics)
     unique = cell.get("unique_train_images")
     rows = []
-    for ev in sorted(evals, key=lambda e: e["step"]):
+    evals.sort(key=lambda e: e["step"])
+    for ev in evals:
         row = dict(base, evaluated=True, step=int(ev["step"]))
         row["images_seen"] = ev.get("images_seen", row["step"] * (base["global_batch"] or 0))
         for k, v in ev.get("metrics", {}).items():
@@ -275,7 +276,7 @@ def load_run(run_dir: str | os.PathLike, sweep: str | None = None) -> list[dict]
         row["extractor_current"] = weights_id(row["extractor"]) in (None, row["extractor_weights"])
         unique = ev.get("unique_train_images") or unique
         rows.append(row)
-    rows = _one_per_measurement(rows, [len(ev) for ev in sorted(evals, key=lambda e: e["step"])])
+    rows = _one_per_measurement(rows, [len(ev) for ev in evals])
     if not rows:
         # A pending, running or failed cell: keep it in the table so its state is visible.
         step = int(status.get("step", 0) or 0)
