@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import numpy as np
 import pytest
 from helpers import ConfigPlus, run_module
 from omegaconf import OmegaConf
@@ -15,12 +16,13 @@ from PIL import Image
 from harness import cell, sweep
 from harness.bench import write_latent_shards
 from harness.core import config
+from harness.core.compute import FORWARD_BACKWARD_FACTOR
 from harness.core.config import ALWAYS, CONF_DIR, REPO_ROOT, ROLE, compose
 from harness.model import dit
 
 GROUPS = ("model", "data", "train", "eval", "objective")
 SWEEPS = sorted(p.stem for p in (REPO_ROOT / "sweeps").glob("*.yaml"))
-SWEEP_CELLS = {"paper": 12, "conditioning": 4, "demo": 6, "scaling": 6}
+SWEEP_CELLS = {"paper": 12, "conditioning": 4, "demo": 6, "scaling": 8}
 
 # The cell ids of grids that studies have already run: the harness must never rename them. (Recorded with the
 # first release of the harness; paper cells depend on the shard path, here the literal "SHARDS".)
@@ -112,24 +114,33 @@ def test_the_model_table_is_the_registry():
     assert off and all(compose([f"model={o}"]).model.off_paper for o in off)
 
 
-def test_the_scaling_study_trains_smaller_sizes_longer():
-    """Each option of sweeps/scaling_size/ is one cell of sweeps=scaling: its width with its steps, validated at
-    log-spaced steps from step 100 (past the warm-up) up to its last and evaluated at its middle and last step.
-    The steps fall as the width grows (the IsoFLOP design: several sizes' training curves cross each budget),
-    and every cell composes valid."""
+def test_the_scaling_study_places_several_sizes_at_every_budget():
+    """Each option of sweeps/scaling_size/ is one cell of sweeps=scaling: its width with its steps, validated from
+    past the warm-up up to its last step and evaluated at its middle and last step. The design's point (the
+    IsoFLOP profiles): of six budgets log-spaced from the smallest that three fitted sizes reach to the largest,
+    each is crossed by the records of at least three sizes (a parabola's minimum) and the four inside by at least
+    four; and the larger a size, the more compute its last step spent."""
     options = sorted(p.stem for p in (REPO_ROOT / "sweeps" / "scaling_size").glob("*.yaml"))
     cfgs = sorted((compose(["sweeps=scaling", f"scaling_size={o}"]) for o in options),
                   key=lambda c: c.model.hidden_size)
     assert len(cfgs) == SWEEP_CELLS["scaling"]
     widths = [c.model.hidden_size for c in cfgs]
-    steps = [c.train.steps for c in cfgs]
-    assert widths == sorted(set(widths)) and steps == sorted(steps, reverse=True) and len(set(steps)) == len(steps)
+    assert widths == sorted(set(widths))
+    spans = []  # per fitted size: the training compute of its first and last record (Gflops)
     for c in cfgs:
         assert c.model.name == f"w{c.model.hidden_size}" and c.data.name == "shapes"
         val = list(c.train.val_at_steps)
-        assert val == sorted(set(val)) and val[-1] == c.train.steps and val[0] <= 100
+        assert val == sorted(set(val)) and val[-1] == c.train.steps and 100 <= val[0] <= 300
         assert list(c.eval.at_steps) == [c.train.steps // 2, c.train.steps]
         assert not cell.validate(c), cell.validate(c)
+        per_step = FORWARD_BACKWARD_FACTOR * cell.cell_facts(c)["gflops"] * c.train.global_batch
+        spans.append((per_step * val[0], per_step * val[-1]))
+    fitted = spans[:-1]
+    assert [hi for _, hi in fitted] == sorted(hi for _, hi in fitted)
+    lo = sorted(a for a, _ in fitted)[2]
+    hi = sorted(b for _, b in fitted)[-3]
+    crossing = [sum(a <= c <= b for a, b in fitted) for c in np.geomspace(lo, hi, 6)]
+    assert min(crossing) >= 3 and min(crossing[1:-1]) >= 4, crossing
 
 
 @pytest.mark.parametrize("name", SWEEPS)
