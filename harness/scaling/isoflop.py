@@ -229,6 +229,9 @@ class IsoFlopResult:
             "coefficient": self.coefficient if ok else None,
             "exponent": self.exponent if ok else None,
             "exponent_ci": [lo, hi] if ok else None,
+            # the line through the minima of all cells, without an interval: what the data point to even where
+            # the bootstrap cannot say how surely (None when fewer than MIN_ISOFLOP_BUDGETS minima)
+            "exponent_point": self.exponent if math.isfinite(self.exponent) else None,
             "level": self.level,
             "n_resamples": self.n_resamples,
             "n_failed": self.n_failed,

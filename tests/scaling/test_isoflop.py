@@ -29,6 +29,7 @@ def test_isoflop_and_joint_law_agree_within_their_intervals():
     c = iso.budgets
     np.testing.assert_allclose(iso.size_opt(c) * iso.images_opt(c) * FORWARD_BACKWARD_FACTOR, c, rtol=1e-9)
     assert_json_ready(iso.to_dict())
+    assert iso.to_dict()["exponent_point"] == pytest.approx(iso.exponent)
 
 
 def test_isoflop_interpolates_in_log_images_and_never_extrapolates():
@@ -75,4 +76,5 @@ def test_isoflop_says_when_the_parabola_has_no_minimum_inside():
         assert not iso.minima and not iso.determined
         assert all(why in p["reason"] for p in iso.profiles if p["coefficients"] is not None)
         assert "not determined" in iso.describe() and iso.to_dict()["exponent"] is None
+        assert iso.to_dict()["exponent_point"] is None  # no minima: no line either
 

@@ -7,7 +7,7 @@ from fixtures_scaling import TRUE, sweep_tables
 from test_powerlaw import assert_json_ready
 
 from harness.core.compute import FORWARD_BACKWARD_FACTOR
-from harness.report import format_compute_optimal_markdown
+from harness.report import findings, format_compute_optimal_markdown
 from harness.scaling.summary import compute_optimal_summary
 
 
@@ -43,6 +43,15 @@ def test_summary_gives_each_budget_size_images_loss_and_fid_with_intervals(sweep
     assert "held-out largest cell (DiT-XL-2_adaln_zero_synth_s0)" in found
     if summary["isoflop"].get("determined"):
         assert "by the IsoFLOP minima (Approach 2)" in found and "The two methods" in found
+        assert "a point without an interval" not in found
+    # minima on a line whose interval the bootstrap cannot give: the slope is said, labelled, and not compared
+    slope = summary["isoflop"]["exponent_point"]
+    assert slope is not None
+    undetermined = summary | {"isoflop": summary["isoflop"] | {"determined": False, "exponent_ci": None}}
+    lines = findings(undetermined)
+    assert "- Not determined by the IsoFLOP minima (Approach 2): see the notes below." in lines
+    assert any(f"slope a = {slope:.3g}, a point without an interval" in line for line in lines)
+    assert not any("The two methods" in line for line in lines)
 
 
 def test_summary_of_data_that_cannot_determine_the_optimum_says_so():
