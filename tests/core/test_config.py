@@ -19,6 +19,7 @@ from harness.core import config
 from harness.core.compute import FORWARD_BACKWARD_FACTOR
 from harness.core.config import ALWAYS, CONF_DIR, REPO_ROOT, ROLE, compose
 from harness.model import dit
+from harness.scaling import isoflop
 
 GROUPS = ("model", "data", "train", "eval", "objective")
 SWEEPS = sorted(p.stem for p in (REPO_ROOT / "sweeps").glob("*.yaml"))
@@ -137,9 +138,11 @@ def test_the_scaling_study_places_several_sizes_at_every_budget():
         spans.append((per_step * val[0], per_step * val[-1]))
     fitted = spans[:-1]
     assert [hi for _, hi in fitted] == sorted(hi for _, hi in fitted)
-    lo = sorted(a for a, _ in fitted)[2]
-    hi = sorted(b for _, b in fitted)[-3]
-    crossing = [sum(a <= c <= b for a, b in fitted) for c in np.geomspace(lo, hi, 6)]
+    # the budgets the profiles read, by the profiles' own rule, from each fitted size's first and last record
+    # (a curve's size only labels it here: images = compute / (3 size) puts its records at these budgets)
+    curves = [(str(k), float(k), np.log(np.array(span) / (FORWARD_BACKWARD_FACTOR * k)), np.zeros(2))
+              for k, span in enumerate(fitted, start=1)]
+    crossing = [sum(a <= c <= b for a, b in fitted) for c in isoflop._default_budgets(curves)]
     assert min(crossing) >= 3 and min(crossing[1:-1]) >= 4, crossing
 
 
