@@ -554,9 +554,12 @@ def findings(summary: dict) -> list[str]:
                           if math.isfinite(part.get("fraction_inside", math.nan)) else "")
                 md.append(f"- The held-out largest cell ({cells}), {what}: median absolute error "
                           f"{100 * part['median_abs_rel_error']:.1f}%{inside}{example}.")
+    per_size = summary.get("cells_per_size", 1)  # a summary written before the field existed: one seed per size
+    seeds = ("one cell (seed) per size leaves seed-to-seed spread out of the intervals" if per_size < 2 else
+             f"the intervals hold the spread of the {per_size} or more cells (seeds) per size, no more")
     md.append("- What it cannot say: the laws hold over the sizes and budgets measured; beyond them (the budgets "
-              "marked beyond the sweep) they are extrapolations, a single seed per cell leaves seed-to-seed "
-              "spread out of the intervals, and the FID is the in-house extractor's, comparable only with itself.")
+              f"marked beyond the sweep) they are extrapolations, {seeds}, and the FID is the in-house extractor's, "
+              "comparable only with itself.")
     return md + [""]
 
 

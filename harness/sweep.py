@@ -21,11 +21,13 @@ from harness.core.help import exit_with_help_if_asked
 
 exit_with_help_if_asked("sweep", __name__)
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from harness import tracking
@@ -72,6 +73,7 @@ TIMEOUT_SLACK = 1.25  # a job's time limit is its estimated wall time plus 25%
 MIN_TIMEOUT_MIN = 60
 # A sweep that would run longer than this on this machine's CPU starts only with confirm_local=true.
 LOCAL_HOURS_ASKED = 1.0
+LOCAL_POLL_S = 1.0  # how often the local process launcher looks for a finished cell
 REASON_CHARS = 600  # a failure's reason in status.json: enough for a traceback's last line and the file
 
 
@@ -246,6 +248,11 @@ class GridSweep:
         if problems:
             _fail(_problem_list("the grid has", problems, "nothing was created or submitted"))
 
+        if _is_local_processes(self.launcher):
+            try:
+                local_slots(self.launcher.params.get("cpus_per_task"), machine_cores())
+            except cli.BadInput as e:
+                _fail(f"{e}; nothing was created or submitted")
         ids = [cell_id(c) for _, c in cfgs]
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
@@ -268,7 +275,8 @@ class GridSweep:
                 notes[cell_id(c)] = "trained; evaluations to do"
         print(f"sweep folder: {sweep_dir.resolve()}", flush=True)
         print(format_plan(rows, states, rate, notes), flush=True)
-        here = None if _is_submitit(self.launcher) else local_hours(rows, states, cfgs[0][1] if cfgs else self.config)
+        here_cpu = not _is_submitit(self.launcher) or _is_local_processes(self.launcher)
+        here = local_hours(rows, states, cfgs[0][1] if cfgs else self.config) if here_cpu else None
         if here is not None:
             print(f"on this machine's CPU: about {_duration(here)} (at {throughput.cpu_image_gflops_per_s():.0f} "
                   "image-Gflops/s of training)", flush=True)
@@ -282,7 +290,9 @@ class GridSweep:
 
         _record_sweep(sweep_dir, self.config, ids)
         todo = [(o, c, r) for (o, c), r in zip(cfgs, rows) if r["cell_id"] not in states]
-        if _is_submitit(self.launcher):
+        if _is_local_processes(self.launcher):
+            outcomes = _launch_local(self.launcher, todo)
+        elif _is_submitit(self.launcher):
             outcomes = _launch_submitit(self.launcher, todo)
         else:  # one machine: Hydra's launcher runs the cells one after another; resources do not apply
             returns = self.launcher.launch([o for o, _, _ in todo], initial_job_idx=0) if todo else []
@@ -341,8 +351,22 @@ def _job_value(ret: JobReturn) -> dict:
     return {"state": "failed", "reason": _reason(ret._return_value)}
 
 
+def _submitit_kind(launcher) -> str | None:
+    """Returns hydra-submitit-launcher's executor ("slurm" or "local") for its launchers, else None. By class
+    name: Hydra's plugin scan can import the plugin's module a second time in one process, and the launcher it
+    builds then fails isinstance against this module's import of the class."""
+    if any(k.__name__ == "BaseSubmititLauncher" for k in type(launcher).__mro__):
+        return launcher._EXECUTOR
+    return None
+
+
 def _is_submitit(launcher) -> bool:
-    return isinstance(launcher, BaseSubmititLauncher)
+    return _submitit_kind(launcher) is not None
+
+
+def _is_local_processes(launcher) -> bool:
+    """True for submitit's local launcher (hydra/launcher=local_parallel): cells as processes on this machine."""
+    return _submitit_kind(launcher) == "local"
 
 
 def _launch_submitit(launcher, todo: list) -> list[tuple[Any, dict]]:
@@ -375,18 +399,95 @@ def _launch_submitit(launcher, todo: list) -> list[tuple[Any, dict]]:
         submitted += zip(group, jobs)
         idx += len(group)
 
-    outcomes = []
-    for (o, c, r), job in submitted:
-        try:
-            value = _job_value(job.results()[0])
-        except Exception as e:  # noqa: BLE001 - the job died without a result
-            value = {"state": "failed", "reason": f"job {job.job_id} ended without a result: {_reason(e)}"}
-            run_dir = run_dir_for(c)
-            if (run_dir.exists() and read_status(run_dir).get("state") != "finished"
-                    and held_by_ended_job_or_nobody(lease.read_lease(run_dir), job.job_id)):
-                update_status(run_dir, state="failed", reason=value["reason"])
-        outcomes.append(((o, c, r), value))
-    return outcomes
+    return [(item, _job_outcome(item, job)) for item, job in submitted]
+
+
+def _job_outcome(item: tuple, job) -> dict:
+    """Returns a submitted cell's result dict once its job has ended; a job that died without a result (OOM, node
+    failure, scancel, a killed process) becomes a failed cell, recorded in its status.json when nobody else holds
+    the folder."""
+    _, c, _ = item
+    try:
+        return _job_value(job.results()[0])
+    except Exception as e:  # noqa: BLE001 - the job died without a result
+        value = {"state": "failed", "reason": f"job {job.job_id} ended without a result: {_reason(e)}"}
+        run_dir = run_dir_for(c)
+        if (run_dir.exists() and read_status(run_dir).get("state") != "finished"
+                and held_by_ended_job_or_nobody(lease.read_lease(run_dir), job.job_id)):
+            update_status(run_dir, state="failed", reason=value["reason"])
+        return value
+
+
+def machine_cores() -> int:
+    """Returns the cores this process may run on (its CPU affinity, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_slots(cpus_per_task: int | None, cores: int) -> int:
+    """Returns how many cells the local process launcher runs at once: each gets `cpus_per_task` of `cores`."""
+    per_cell = cpus_per_task or 1
+    if not 1 <= per_cell <= cores:
+        raise cli.BadInput(f"hydra.launcher.cpus_per_task={per_cell} is not a share of this machine's {cores} "
+                           f"cores; allowed: 1 to {cores}")
+    return cores // per_cell
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Sets environment variables for what starts inside the block (a local job copies os.environ), then restores
+    them."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _launch_local(launcher, todo: list) -> list[tuple[Any, dict]]:
+    """Runs the cells as processes on this machine (submitit's local executor), as many at once as the machine
+    has cores for at hydra.launcher.cpus_per_task each; a cell starts when one ends, in grid order.
+
+    Each process gets cpus_per_task math-library threads (torch would otherwise start one per core in every
+    process, and processes that share cores that way run several times slower than one after another) and no
+    progress bars (its output goes to its log file, named when it starts). Many small cells on a CPU go faster
+    this way: a small model's step is mostly per-operation overhead, which one thread pays as fast as two.
+    """
+    params = dict(launcher.params)
+    per_cell = int(params.get("cpus_per_task") or 1)
+    at_once = local_slots(per_cell, machine_cores())
+    executor = submitit.AutoExecutor(cluster="local", folder=params["submitit_folder"])
+    executor.update_parameters(timeout_min=params["timeout_min"], name=params.get("name") or "cell")
+    threads = {k: str(per_cell) for k in throughput.THREAD_VARS}
+    pending, running, outcomes = list(enumerate(todo)), {}, {}
+    print(f"running {len(todo)} cell(s) as processes here, {at_once} at a time, {per_cell} core(s) each", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < at_once:
+                i, item = pending.pop(0)
+                with _environment({**threads, "HARNESS_NO_BAR": "1"}):
+                    job = executor.submit(launcher, list(item[0]), "hydra.sweep.dir", i, f"job_id_for_{i}",
+                                          Singleton.get_state())
+                running[i] = (item, job, time.monotonic())
+                print(f"  started  {item[2]['cell_id']} (log: {job.paths.stdout})", flush=True)
+            ended = [i for i, (_, job, _) in running.items() if job.done()]
+            if not ended:
+                time.sleep(LOCAL_POLL_S)
+            for i in ended:
+                item, job, t0 = running.pop(i)
+                outcomes[i] = (item, _job_outcome(item, job))
+                state = outcomes[i][1].get("state")
+                print(f"  {state:8s} {item[2]['cell_id']} after {(time.monotonic() - t0) / 60:.1f} min "
+                      f"({len(outcomes)} of {len(todo)})", flush=True)
+    except BaseException:  # Ctrl-C or a crash here: the cells still running stop too (each resumes on relaunch)
+        for _, job, _ in running.values():
+            job.cancel(check=False)
+        raise
+    return [outcomes[i] for i in range(len(todo))]
 
 
 def held_by_ended_job_or_nobody(info: dict | None, job_id: str) -> bool:

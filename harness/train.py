@@ -527,7 +527,8 @@ def _mark_started(cfg, run_dir: Path, step: int, lost: bool, logged: int, resume
     """Marks the attempt in status.json and the log (a resume or a restart that sets the old results aside)."""
     status = read_status(run_dir)
     update_status(run_dir, state="running", reason=None, attempts=status.get("attempts", 0) + 1,
-                  step=step, total_steps=cfg.train.steps, started=status.get("started") or time.time())
+                  step=step, total_steps=cfg.train.steps, started=status.get("started") or time.time(),
+                  torch_threads=torch.get_num_threads())  # CPU float sums depend on it
     if lost:
         archive = runfolder.set_aside_results(run_dir)
         append_jsonl(run_dir / "metrics.jsonl", {"event": "restart", "step": step, "from_step": logged,

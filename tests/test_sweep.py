@@ -204,6 +204,31 @@ def test_failed_cells_record_their_reason_and_the_others_finish(failed_sweep):
 
 
 @pytest.mark.process
+def test_local_processes_run_cells_side_by_side_each_on_its_share_of_the_cores(tmp_path):
+    """hydra/launcher=local_parallel: every cell finishes as the one-after-another launcher's do, no more run at
+    once than the cores allow (one each), on a machine of two cores or more some do, and each ran one thread."""
+    out = tmp_path / "sweep"
+    result = run_sweep(out, "seed=0,1,2", "hydra/launcher=local_parallel")
+    assert result.returncode == 0, result.stderr
+    cores = sweep.machine_cores()
+    assert f"running 3 cell(s) as processes here, {cores} at a time, 1 core(s) each" in result.stdout
+    dirs = [p for p in out.iterdir() if (p / "cell.json").exists()]
+    assert len(dirs) == 3
+    for run_dir in dirs:
+        assert_finished(run_dir, attempts=1)
+        st = read_json(run_dir / "status.json")
+        assert st["torch_threads"] == 1, st
+    # The launcher's own account, line by line: a cell starts while others run, never more than the cores.
+    running, most = set(), 0
+    for line in result.stdout.splitlines():
+        if m := re.match(r"^\s+(started|finished)\s+(DiT-\S+)", line):
+            (running.add if m.group(1) == "started" else running.remove)(m.group(2))
+            most = max(most, len(running))
+    assert not running, result.stdout
+    assert most == min(cores, 3), result.stdout
+
+
+@pytest.mark.process
 def test_status_cli_reads_the_run_folders(failed_sweep, capsys):
     out, _ = failed_sweep
     assert status.main([str(out), "--json"]) == 0
@@ -262,6 +287,10 @@ BAD_INPUT = {
                                                      "objective='ddpm'; allowed: ['ddpm', 'ddim']"),
     "unknown device": (["device=cpu,tpu"], "device='tpu' is not one of ['auto', 'cpu', 'cuda']"),
     "wrong type": ([f"train.steps={STEPS},many"], "Value 'many' of type 'str' could not be converted to Integer"),
+    "more cores per cell than the machine has": (
+        ["hydra/launcher=local_parallel", "hydra.launcher.cpus_per_task=4096", "seed=0,1"],
+        f"hydra.launcher.cpus_per_task=4096 is not a share of this machine's {sweep.machine_cores()} cores; "
+        f"allowed: 1 to {sweep.machine_cores()}"),
 }
 
 

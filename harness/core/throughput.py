@@ -14,6 +14,10 @@ from harness.core.config import CONF_DIR
 from harness.core.runfolder import atomic_write_bytes
 
 THROUGHPUT_FILE = CONF_DIR / "throughput.yaml"
+# The variables that cap a process's math-library threads (read when torch loads): processes that share a CPU each
+# get their own share of it (two processes of two threads on two cores run several times slower than one), and a
+# fixed count keeps the order of float reductions fixed.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # Training images/s of one GPU times the model's Gflops (paper convention), i.e. images/s x gflops. The
 # fast-DiT A100 figure (107.5 images/s for XL/2 at 118.64 Gflops): the plan's estimate until a GPU is recorded.
 FAST_DIT_A100_IMAGE_GFLOPS_PER_S = 107.5 * 118.64

@@ -99,6 +99,8 @@ def compute_optimal_summary(
         "n_resamples": n_resamples,
         "seed": seed,
         "sizes_trained": [float(rows["gflops"].min()), float(rows["gflops"].max())],
+        # the fewest cells (seeds) of one size: with one, the bootstrap over cells cannot see seed-to-seed spread
+        "cells_per_size": int(rows.groupby("gflops")["cell_id"].nunique().min()),
     }
 
     joint, iso, fid = _summary_fits(rows, eval_df, out, notes, metric, fid_metric, cond, allow_mixed, n_resamples,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from harness.core import cli
 from harness.core.runfolder import atomic_write_json, now_iso
+from harness.core.throughput import THREAD_VARS
 from harness.soak.cluster import Cluster, SweepRun, Sweeps, Watcher, submitted_jobs
 from harness.soak.faults import KINDS, Chaos, make_schedule
 from harness.soak.invariants import (
@@ -44,9 +45,6 @@ TINY_CELL = [
     "device=cpu", "report=false", "sweep_name=soak",
 ]
 SLURM = ["hydra/launcher=slurm", "cluster=localtest"]
-# One thread everywhere (the jobs inherit the sweep's environment through sbatch): the final weights are compared
-# bit for bit with the undisturbed run's, and the thread count changes the order of float reductions.
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 TICK_S = 0.5  # the fault loop's period: faults fire within this of their moment
 MIN_RELAUNCH_S = 15.0  # between two launches of the main sweep: jobs still holding their cells need a moment
@@ -320,6 +318,8 @@ def soak_env(cluster_env: dict[str, str]) -> dict[str, str]:
     """Returns the environment of every process the soak starts: the cluster's clients, one thread, no tracking, no
     progress bars; the harness cache of the caller when set (the digits statistics are computed once)."""
     env = {**os.environ, **cluster_env, "WANDB_MODE": "disabled", "HARNESS_NO_BAR": "1", "HF_HUB_OFFLINE": "1"}
+    # One thread everywhere (the jobs inherit the sweep's environment through sbatch): the final weights are compared
+    # bit for bit with the undisturbed run's, and the thread count changes the order of float reductions.
     env.update({k: "1" for k in THREAD_VARS})
     env.pop("HARNESS_DEBUG", None)
     return env

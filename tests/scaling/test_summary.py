@@ -2,6 +2,7 @@
 cannot determine, and reads as the report's Markdown section."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from fixtures_scaling import TRUE, sweep_tables
 from test_powerlaw import assert_json_ready
@@ -64,3 +65,19 @@ def test_summary_of_data_that_cannot_determine_the_optimum_says_so():
     assert "not determined" in md
     assert "alpha not determined" in summary["joint_law"]["description"]
 
+
+
+def test_the_findings_say_whether_seed_to_seed_spread_is_in_the_intervals():
+    """One cell per size: the bootstrap over cells cannot see seed luck, and the findings say so; two seeds of every
+    size (the same law, other noise): they say the intervals hold that spread."""
+    one_val, one_ev = sweep_tables(seed=0)
+    other_val, other_ev = sweep_tables(seed=1)
+    for df in (other_val, other_ev):
+        df["cell_id"] = df["cell_id"].str.replace("_s0", "_s1")
+    two_val, two_ev = pd.concat([one_val, other_val]), pd.concat([one_ev, other_ev])
+    for (val, ev), per_size, words in (((one_val, one_ev), 1, "one cell (seed) per size leaves seed-to-seed spread"),
+                                       ((two_val, two_ev), 2, "the intervals hold the spread of the 2 or more cells")):
+        summary = compute_optimal_summary(val, ev, n_resamples=30, holdout_resamples=10)
+        assert summary["cells_per_size"] == per_size
+        cannot = [line for line in findings(summary) if line.startswith("- What it cannot say")]
+        assert len(cannot) == 1 and words in cannot[0], cannot
