@@ -425,7 +425,7 @@ def machine_cores() -> int:
 
 def local_slots(cpus_per_task: int | None, cores: int) -> int:
     """Returns how many cells the local process launcher runs at once: each gets `cpus_per_task` of `cores`."""
-    per_cell = cpus_per_task or 1
+    per_cell = 1 if cpus_per_task is None else cpus_per_task
     if not 1 <= per_cell <= cores:
         raise cli.BadInput(f"hydra.launcher.cpus_per_task={per_cell} is not a share of this machine's {cores} "
                            f"cores; allowed: 1 to {cores}")
@@ -458,8 +458,8 @@ def _launch_local(launcher, todo: list) -> list[tuple[Any, dict]]:
     this way: a small model's step is mostly per-operation overhead, which one thread pays as fast as two.
     """
     params = dict(launcher.params)
-    per_cell = int(params.get("cpus_per_task") or 1)
-    at_once = local_slots(per_cell, machine_cores())
+    at_once = local_slots(params.get("cpus_per_task"), machine_cores())  # checked before the plan was printed
+    per_cell = params.get("cpus_per_task") or 1
     executor = submitit.AutoExecutor(cluster="local", folder=params["submitit_folder"])
     executor.update_parameters(timeout_min=params["timeout_min"], name=params.get("name") or "cell")
     threads = {k: str(per_cell) for k in throughput.THREAD_VARS}

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from harness import status, sweep
 from harness.cell import load_run_config
-from harness.core import checkpoint, config, throughput
+from harness.core import checkpoint, cli, config, throughput
 from harness.core.config import Config, compose
 from harness.core.runfolder import read_json, read_jsonl, update_status
 
@@ -201,6 +201,19 @@ def test_failed_cells_record_their_reason_and_the_others_finish(failed_sweep):
     message = result.stderr[result.stderr.index("2 cell(s) failed"):]
     named = set(re.findall(r"^\s+- (DiT-\S+): ", message, flags=re.M))
     assert named == failed, message
+
+
+def test_local_slots_share_the_cores_and_refuse_what_is_no_share():
+    """Over every machine of 1 to 64 cores and every share: as many cells as fit whole, each with its share
+    (no core idle that a further cell could use); a share of 0, below, or above the machine is bad input."""
+    for cores in range(1, 65):
+        assert sweep.local_slots(None, cores) == cores
+        for per_cell in range(1, cores + 1):
+            slots = sweep.local_slots(per_cell, cores)
+            assert slots >= 1 and slots * per_cell <= cores < (slots + 1) * per_cell
+        for bad in (0, -1, cores + 1):
+            with pytest.raises(cli.BadInput, match=f"cpus_per_task={bad} .* allowed: 1 to {cores}"):
+                sweep.local_slots(bad, cores)
 
 
 @pytest.mark.process
