@@ -591,7 +591,9 @@ def _write_report(sweep_dir: Path, config: DictConfig) -> list[str]:
             print(f"{name:<16} {report.path.parent / name}", flush=True)
     corr = report.correlation
     if corr is None:
-        print("no FID-Gflops correlation: fewer than 3 cells evaluated at one step with one protocol", flush=True)
+        # Not a failure: a compute-optimal study evaluates each size at its own steps by design.
+        print("FID-Gflops correlation (the paper's Figure 8): not computed, fewer than 3 cells share an evaluated "
+              "step and protocol; report.md has what was measured", flush=True)
     else:
         print(f"{corr['label']} vs Gflops at step {corr['step']} over {corr['n']} cells: Spearman "
               f"{corr['spearman']:.3f}, Pearson(FID, log10 Gflops) {corr['pearson_log10_gflops']:.3f} (paper: -0.93)",

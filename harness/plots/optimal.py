@@ -61,6 +61,25 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(fmt)
 
 
+class _PlainWhereLabelled(matplotlib.ticker.Formatter):
+    """Labels a log axis's ticks where its default formatter does (matplotlib picks a subset of the minor ticks
+    that does not crowd), as plain numbers (0.003) rather than 3 x 10^-3, whose width made neighbours overlap."""
+
+    def __init__(self, default: matplotlib.ticker.Formatter):
+        self.default = default
+
+    def set_locs(self, locs) -> None:
+        self.default.set_locs(locs)  # where the default decides which ticks get a label
+
+    def __call__(self, x, pos=None) -> str:
+        return f"{x:.3g}" if self.default(x, pos) else ""
+
+
+def _plain_where_labelled(axis) -> None:
+    axis.set_major_formatter(_PlainWhereLabelled(axis.get_major_formatter()))
+    axis.set_minor_formatter(_PlainWhereLabelled(axis.get_minor_formatter()))
+
+
 def _wrap(text: str, width: int = 48) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
@@ -101,6 +120,7 @@ def fig_isoflop_profiles(iso: IsoFlopResult):
     if iso.minima:
         ax.scatter([], [], label="minimum of the parabola", **MINIMUM_STYLE)
     _finish(ax, SIZE_LABEL, iso.label)
+    _plain_where_labelled(ax.xaxis)
     v = np.concatenate(values)
     pad = 0.08 * (v.max() - v.min()) if v.max() > v.min() else 0.05 * abs(v.max())
     ax.set_ylim(v.min() - pad, v.max() + pad)  # from the points: a rejected parabola may dive far below

@@ -129,3 +129,32 @@ def test_absent_data_is_a_clear_error():
     joint.points = None
     with pytest.raises(ValueError, match="no fitted points"):
         optimal.fig_joint_predicted(joint)
+
+
+@pytest.mark.parametrize("low", [1.3e-3, 0.37, 6.0])
+@pytest.mark.parametrize("decades", [0.3, 0.7, 1.25, 1.8, 2.5, 3.5])
+def test_isoflop_size_labels_never_overlap(low, decades):
+    """Whatever sizes a study trains (from a CPU study's 0.001 Gflops to DiT-XL's 118, over a third of a decade to
+    three and a half), the size axis's tick labels stand apart (the CPU study's '3 x 10^-3' and '4 x 10^-3' ran
+    into each other) and each says its number."""
+    sizes = low * 10 ** np.linspace(0, decades, 7)
+    rows = [(f"c{i}", s, images, 0.02 + 0.01 * s ** -0.3 + 30 * images ** -0.5)
+            for i, s in enumerate(sizes) for images in np.geomspace(1e3, 1e5, 8) / np.sqrt(s / low)]
+    cell, size, images, loss = map(list, zip(*rows))
+    iso = isoflop_profiles({"cell_id": cell, "gflops": size, "images_seen": images, "val_loss_ema": loss},
+                           n_resamples=0, cond=None)
+    fig = optimal.fig_isoflop_profiles(iso)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+    shown = [(t.label1.get_window_extent(renderer), t.label1.get_text(), t.get_loc()) for t in ticks
+             if t.label1.get_visible() and t.label1.get_text()]
+    lo, hi = ax.get_xlim()
+    shown = sorted(((box, text, loc) for box, text, loc in shown if lo <= loc <= hi), key=lambda s: s[2])
+    assert len(shown) >= 2, [t for _, t, _ in shown]
+    for (a, _, _), (b, _, _) in zip(shown, shown[1:]):
+        assert a.x1 <= b.x0, [t for _, t, _ in shown]
+    for _, text, loc in shown:
+        assert float(text) == pytest.approx(loc, rel=1e-2)
+    plt.close(fig)
