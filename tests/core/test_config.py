@@ -146,25 +146,6 @@ def test_the_scaling_study_places_several_sizes_at_every_budget():
     assert min(crossing) >= 3 and min(crossing[1:-1]) >= 4, crossing
 
 
-def test_the_scaling_study_runs_its_cells_side_by_side_unless_told_otherwise():
-    """sweeps=scaling picks the local process launcher (its small cells go faster side by side); a launcher on the
-    command line wins (hydra/launcher=local: one after another; =slurm: jobs), and the choice is not in cell ids."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    def launcher(*overrides):
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="harness"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-        return cfg.hydra.runtime.choices["hydra/launcher"], cfg.hydra.launcher
-
-    choice, conf = launcher("sweeps=scaling")
-    assert choice == "local_parallel" and conf.cpus_per_task == 1 and conf._target_.endswith("LocalLauncher")
-    assert launcher("sweeps=scaling", "hydra/launcher=local")[0] == "local"
-    assert launcher("sweeps=scaling", "hydra/launcher=slurm")[0] == "slurm"
-    ids = {cell.cell_id(compose(["sweeps=scaling", *extra])) for extra in ([], ["hydra/launcher=local"])}
-    assert len(ids) == 1, ids
-
-
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_named_grid_plans(name, data_paths, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
