@@ -62,17 +62,27 @@ def _plain_log_ticks(axis) -> None:
 
 
 class _PlainWhereLabelled(matplotlib.ticker.Formatter):
-    """Labels a log axis's ticks where its default formatter does (matplotlib picks a subset of the minor ticks
-    that does not crowd), as plain numbers (0.003) rather than 3 x 10^-3, whose width made neighbours overlap."""
+    """Labels a log axis's ticks where its default formatter does (matplotlib picks a subset of the minor ticks),
+    as plain numbers (0.003) rather than 3 x 10^-3, whose width made neighbours overlap; over more than a decade
+    only 1, 2 and 5 (0.002, 0.005, 0.01), and never more than MAX_LABELS (every second one, or third, ...): closer
+    neighbours touch."""
+
+    MAX_LABELS = 6
 
     def __init__(self, default: matplotlib.ticker.Formatter):
         self.default = default
+        self.labelled = np.empty(0)
 
     def set_locs(self, locs) -> None:
         self.default.set_locs(locs)  # where the default decides which ticks get a label
+        lo, hi = sorted(self.default.axis.get_view_interval())
+        sparse = lo > 0 and math.log10(hi / lo) > 1
+        keep = [x for x in sorted(locs) if lo <= x <= hi and self.default(x)
+                and not (sparse and round(x / 10 ** math.floor(math.log10(x) + 1e-9)) not in (1, 2, 5))]
+        self.labelled = np.array(keep[::math.ceil(len(keep) / self.MAX_LABELS)] if keep else [])
 
     def __call__(self, x, pos=None) -> str:
-        return f"{x:.3g}" if self.default(x, pos) else ""
+        return f"{x:.3g}" if np.isclose(self.labelled, x, rtol=1e-9, atol=0).any() else ""
 
 
 def _plain_where_labelled(axis) -> None:
