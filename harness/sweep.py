@@ -454,8 +454,8 @@ def _launch_local(launcher, todo: list) -> list[tuple[Any, dict]]:
 
     Each process gets cpus_per_task math-library threads (torch would otherwise start one per core in every
     process, and processes that share cores that way run several times slower than one after another) and no
-    progress bars (its output goes to its log file, named when it starts). Many small cells on a CPU go faster
-    this way: a small model's step is mostly per-operation overhead, which one thread pays as fast as two.
+    progress bars (its output goes to its log file, named when it starts). What it buys depends on the machine:
+    on two cores, sweeps=scaling took about as long as one after another (docs/benchmarks.md).
     """
     params = dict(launcher.params)
     at_once = local_slots(params.get("cpus_per_task"), machine_cores())  # checked before the plan was printed
