@@ -205,7 +205,7 @@ def test_failed_cells_record_their_reason_and_the_others_finish(failed_sweep):
 
 def test_local_slots_share_the_cores_and_refuse_what_is_no_share():
     """Over every machine of 1 to 64 cores and every share: as many cells as fit whole, each with its share
-    (no core idle that a further cell could use); a share of 0, below, or above the machine is bad input."""
+    (no core idle that a further cell could use); a share of 0, a negative one or one above the machine is bad input."""
     for cores in range(1, 65):
         assert sweep.local_slots(None, cores) == cores
         for per_cell in range(1, cores + 1):
