@@ -275,7 +275,7 @@ class GridSweep:
                 notes[cell_id(c)] = "trained; evaluations to do"
         print(f"sweep folder: {sweep_dir.resolve()}", flush=True)
         print(format_plan(rows, states, rate, notes), flush=True)
-        here_cpu = not _is_submitit(self.launcher) or _is_local_processes(self.launcher)
+        here_cpu = _submitit_kind(self.launcher) != "slurm"  # Hydra's launcher or the local processes
         here = local_hours(rows, states, cfgs[0][1] if cfgs else self.config) if here_cpu else None
         if here is not None:
             print(f"on this machine's CPU: about {_duration(here)} (at {throughput.cpu_image_gflops_per_s():.0f} "

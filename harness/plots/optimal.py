@@ -78,8 +78,8 @@ class _PlainWhereLabelled(matplotlib.ticker.Formatter):
         lo, hi = sorted(self.default.axis.get_view_interval())
         sparse = lo > 0 and math.log10(hi / lo) > 1
         keep = [x for x in sorted(locs) if lo <= x <= hi and self.default(x)
-                and not (sparse and round(x / 10 ** math.floor(math.log10(x) + 1e-9)) not in (1, 2, 5))]
-        self.labelled = np.array(keep[::math.ceil(len(keep) / self.MAX_LABELS)] if keep else [])
+                and (not sparse or round(x / 10 ** math.floor(math.log10(x) + 1e-9)) in (1, 2, 5))]
+        self.labelled = np.array(keep[::max(1, math.ceil(len(keep) / self.MAX_LABELS))])
 
     def __call__(self, x, pos=None) -> str:
         return f"{x:.3g}" if np.isclose(self.labelled, x, rtol=1e-9, atol=0).any() else ""
