@@ -90,6 +90,16 @@ def _plain_where_labelled(axis) -> None:
     axis.set_minor_formatter(_PlainWhereLabelled(axis.get_minor_formatter()))
 
 
+def _distinct_numbers(values) -> list[str]:
+    """Returns each value with the fewest significant digits (2 to 6) that tell them all apart: budgets close
+    together (a grid whose cells all stop near one compute) would otherwise read alike in a legend."""
+    for digits in range(2, 7):
+        texts = [f"{v:.{digits}g}" for v in values]
+        if len(set(texts)) == len(texts):
+            return texts
+    return texts
+
+
 def _wrap(text: str, width: int = 48) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
@@ -109,12 +119,12 @@ def fig_isoflop_profiles(iso: IsoFlopResult):
     fig, ax = _figure()
     colors = _budget_colors(iso.budgets)
     values = []
-    for p, color in zip(iso.profiles, colors):
+    for p, color, budget in zip(iso.profiles, colors, _distinct_numbers(iso.budgets)):
         pts = p["points"]
         if not len(pts):
             continue
         values.append(pts["metric"].to_numpy())
-        label = f"C = {p['budget']:.2g} Gflops"
+        label = f"C = {budget} Gflops"
         if p["size_opt"] is None:
             label += " (no minimum: " + ("too few sizes)" if p["coefficients"] is None else "outside the sizes)")
         ax.scatter(pts["size"], pts["metric"], color=color, s=22, zorder=4, label=label, gid="points")

@@ -158,3 +158,20 @@ def test_isoflop_size_labels_never_overlap(low, decades):
     for _, text, loc in shown:
         assert float(text) == pytest.approx(loc, rel=1e-2)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("spread", [1.001, 1.01, 1.2, 10.0])
+def test_isoflop_legend_tells_every_budget_apart(fits, spread):
+    """Budgets however close together (a grid whose cells all stop near one compute) get distinct legend labels,
+    each the budget's number to the digits shown."""
+    iso = fits["iso"]
+    budgets = iso.budgets[0] * spread ** np.arange(len(iso.budgets))
+    close = dataclasses.replace(iso, profiles=[p | {"budget": float(b)} for p, b in zip(iso.profiles, budgets)])
+    fig = optimal.fig_isoflop_profiles(close)
+    labels = [t for t in legend_texts(fig) if t.startswith("C = ")]
+    drawn = [b for p, b in zip(close.profiles, budgets) if len(p["points"])]
+    assert len(labels) == len(drawn) == len(set(labels)), labels
+    for text, b in zip(labels, drawn):
+        shown = text.split(" ")[2]
+        assert shown in {f"{b:.{digits}g}" for digits in range(2, 7)}, text  # b rounded, not another number
+    plt.close(fig)
