@@ -235,9 +235,33 @@ start_slurm() {
   fi
   slurmctld
   slurmd -N "$NODE"
-  # Not `sinfo -N`: it prints one line per partition. IDLE, not IDLE+DRAIN etc.
-  wait_for "$NODE IDLE" bash -c "scontrol show node $NODE | grep -qE 'State=IDLE[ +]'"
+  wait_for "$NODE IDLE" node_idle
+  [[ -z "$RESUMED" ]] || echo "node $NODE was $RESUMED: resumed"
   wait_for sacct sacct -n -X
+}
+
+# slurmctld keeps a node's state in $DIR/state across restarts, so a node drained or downed in an earlier run
+# (a full disk, a job it could not kill, a stopped slurmd) stays so, and every job pends without an end. This
+# cluster is the tests' own: put such a node back and say so. RESUMED: the state and reason it had.
+RESUMED=""
+resume_drained() {
+  local show state
+  show="$(SLURM_CONF="$DIR/etc/slurm.conf" scontrol show node "$NODE")" || return 1
+  state="$(grep -oE 'State=[^ ]+' <<< "$show")"
+  case "$state" in
+    *NOT_RESPONDING*) return 1 ;;  # slurmd has not registered yet: its state is not known
+    *DRAIN*|*DOWN*|*FAIL*)
+      RESUMED="${state#State=} ($(grep -oE 'Reason=.*' <<< "$show" || echo 'no reason given'))"
+      SLURM_CONF="$DIR/etc/slurm.conf" scontrol update nodename="$NODE" state=resume
+      return 1 ;;
+  esac
+}
+
+# Succeeds when the node is IDLE and neither drained nor down (`scontrol show node`, not `sinfo -N`, which
+# prints one line per partition); resumes a node an earlier run left drained.
+node_idle() {
+  resume_drained || return 1
+  SLURM_CONF="$DIR/etc/slurm.conf" scontrol show node "$NODE" | grep -qE 'State=IDLE( |\+)'
 }
 
 # A multi-task job's processes meet at the job's first node by name (torch.distributed's MASTER_ADDR comes
@@ -252,6 +276,8 @@ up() {
   t0="$(now)"
   (( EUID == 0 )) || die "up needs root: the daemons run as root and packages may need installing"
   if all_running && ports_ours > /dev/null; then
+    resume_drained || true
+    [[ -z "$RESUMED" ]] || echo "node $NODE was $RESUMED: resumed"
     echo "cluster already up in $DIR (source $DIR/env.sh)"
     return 0
   fi

@@ -68,6 +68,21 @@ def test_cluster_sh_up_again_is_a_no_op(slurm_cluster):
     assert "already up" in result.stdout
 
 
+def test_cluster_sh_up_resumes_a_node_left_drained(slurm_cluster):
+    # slurmctld keeps a drained node drained across restarts; every job would then pend without an end.
+    def node_state():
+        return run_client("scontrol", "show", "node", slurm_cluster.node).split("State=", 1)[1].split()[0]
+
+    run_client("scontrol", "update", f"nodename={slurm_cluster.node}", "state=drain", "reason=left drained by a test")
+    wait_until("the node drained", lambda: "DRAIN" in node_state())
+    result = cluster_sh("up", str(slurm_cluster.dir))
+    assert result.returncode == 0, result.stderr
+    assert "left drained by a test" in result.stdout and "resumed" in result.stdout, result.stdout
+    wait_until("the node resumed", lambda: "DRAIN" not in node_state())
+    again = cluster_sh("up", str(slurm_cluster.dir))  # a usable node is left as it is
+    assert again.returncode == 0 and "resumed" not in again.stdout, again.stdout
+
+
 def test_cluster_sh_refuses_a_second_cluster_on_the_same_ports(slurm_cluster, tmp_path):
     other = tmp_path / "other-cluster"
     result = cluster_sh("up", str(other))
