@@ -535,7 +535,8 @@ def findings(summary: dict) -> list[str]:
         md.append(f"- Not determined by the {' nor the '.join(missing)}: see the notes below.")
         if iso.get("exponent_point") is not None and not iso.get("determined"):
             md.append(f"- The IsoFLOP minima lie on a line of slope a = {iso['exponent_point']:.3g}, a point without "
-                      f"an interval (the bootstrap over cells cannot give one): not compared with the joint law.")
+                      f"an interval (the bootstrap over cells cannot give one): not compared with the joint law. "
+                      "How many cells per size would give one: harness.scaling.design.isoflop_replicates.")
     minima = [p for p in iso.get("profiles", []) if p.get("size_opt") is not None]
     if iso.get("profiles"):
         md.append(f"- IsoFLOP: {len(minima)} of {len(iso['profiles'])} budgets have a minimum inside the sizes "

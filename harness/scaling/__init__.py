@@ -13,12 +13,14 @@ The modules, bottom to top (each imports only those below it; pyproject.toml's i
     isoflop      IsoFLOP profiles (Approach 2)
     loss_to_fid  FID as a power law of the validation loss
     heldout      the laws of the cheaper cells against the largest
+    design       how many cells per size a study's IsoFLOP interval needs, simulated from its own law
     summary      what a budget buys, for the report (harness.report writes it as Markdown)
 
 docs/scaling.md says what each fit needs and what its intervals mean.
 """
 
-from harness.scaling.fitting import to_plain  # noqa: F401 - the namespace of scaling laws
+from harness.scaling.design import isoflop_replicates  # noqa: F401 - the namespace of scaling laws
+from harness.scaling.fitting import to_plain  # noqa: F401
 from harness.scaling.heldout import holdout_check  # noqa: F401
 from harness.scaling.isoflop import MIN_ISOFLOP_BUDGETS, IsoFlopResult, isoflop_profiles  # noqa: F401
 from harness.scaling.joint import JOINT_PARAMS, JointLaw, fit_joint_law, fit_joint_table  # noqa: F401

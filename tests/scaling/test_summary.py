@@ -1,6 +1,8 @@
 """The compute-optimal summary gives each budget its size, images, loss and FID with intervals, says what it
 cannot determine, and reads as the report's Markdown section."""
 
+import importlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -53,6 +55,10 @@ def test_summary_gives_each_budget_size_images_loss_and_fid_with_intervals(sweep
     assert "- Not determined by the IsoFLOP minima (Approach 2): see the notes below." in lines
     assert any(f"slope a = {slope:.3g}, a point without an interval" in line for line in lines)
     assert not any("The two methods" in line for line in lines)
+    # and it names the function that says how many cells per size would give an interval
+    pointer = next(line for line in lines if "a point without an interval" in line)
+    module, name = pointer.rsplit(" ", 1)[1].rstrip(".").rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(module), name))
 
 
 def test_summary_of_data_that_cannot_determine_the_optimum_says_so():
