@@ -183,12 +183,22 @@ def _duration(hours: float) -> str:
 
 
 def local_hours(rows: list[dict], states: dict[str, str], cfg: Any) -> float | None:
-    """Returns the hours the cells still to run would take on this machine's CPU, or None when they would not run
-    here on a CPU (a SLURM launcher, a CUDA device) and the question does not arise."""
+    """Returns the hours the cells still to run would take on this machine's CPU, each at the rate recorded for a
+    model of its size, or None when they would not run here on a CPU (a SLURM launcher, a CUDA device) and the
+    question does not arise."""
     if cfg.device == "cuda" or (cfg.device == "auto" and distributed.cuda_available()):
         return None
-    rate = throughput.cpu_image_gflops_per_s()
-    return sum(sum(hours_at(r["compute_gflops"], rate).values()) for r in rows if r["cell_id"] not in states)
+    return sum(sum(hours_at(r["compute_gflops"], throughput.cpu_image_gflops_per_s(r["gflops"])).values())
+               for r in rows if r["cell_id"] not in states)
+
+
+def local_rates(rows: list[dict], states: dict[str, str]) -> str:
+    """Returns the CPU training rates the cells still to run are planned at, as the plan prints them."""
+    rates = sorted({float(f"{throughput.cpu_image_gflops_per_s(r['gflops']):.2g}")
+                    for r in rows if r["cell_id"] not in states})
+    if len(rates) > 1:
+        return f"{rates[0]:g} to {rates[-1]:g} image-Gflops/s of training, by model size"
+    return f"{rates[0] if rates else throughput.cpu_image_gflops_per_s():.2g} image-Gflops/s of training"
 
 
 def cell_done(cfg: Any) -> bool:
@@ -278,8 +288,7 @@ class GridSweep:
         here_cpu = _submitit_kind(self.launcher) != "slurm"  # Hydra's launcher or the local processes
         here = local_hours(rows, states, cfgs[0][1] if cfgs else self.config) if here_cpu else None
         if here is not None:
-            print(f"on this machine's CPU: about {_duration(here)} (at {throughput.cpu_image_gflops_per_s():.0f} "
-                  "image-Gflops/s of training)", flush=True)
+            print(f"on this machine's CPU: about {_duration(here)} (at {local_rates(rows, states)})", flush=True)
         if self.config.plan:
             return []
         if here is not None and here > LOCAL_HOURS_ASKED and not self.config.confirm_local:

@@ -6,8 +6,10 @@ each cell's GPU-hours. Until a GPU has been recorded, the plan uses the fast-DiT
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from harness.core.config import CONF_DIR
@@ -53,16 +55,27 @@ def gpu_image_gflops_per_s(path: str | Path = THROUGHPUT_FILE) -> float:
 DEFAULT_CPU_IMAGE_GFLOPS_PER_S = 22.0
 
 
-def cpu_image_gflops_per_s(path: str | Path = THROUGHPUT_FILE) -> float:
+def cpu_image_gflops_per_s(gflops: float | None = None, path: str | Path = THROUGHPUT_FILE) -> float:
     """Returns the training rate (image-Gflops/s) of this machine's CPU for a local plan: this processor's recorded
-    figure (by its name in the throughput file), else the fastest CPU recorded, else DEFAULT_CPU_IMAGE_GFLOPS_PER_S.
-    A planning number: a CPU's speed varies by more than its name says."""
-    devices = {n: d for n, d in read_throughput(path)["devices"].items() if d.get("type") == "cpu"}
-    here = devices.get(cpu_name())
-    if here:
+    figures (by its name in the throughput file), else those of the fastest CPU recorded, else
+    DEFAULT_CPU_IMAGE_GFLOPS_PER_S. A planning number: a CPU's speed varies by more than its name says.
+
+    Without `gflops`, the rate of the processor's largest recorded cell. With it, the rate of a model of that many
+    forward Gflops per image: linear in log-log between the processor's recorded cells, held at the ends. A CPU
+    runs tiny models far below its large-model rate (the 2-core Xeon: 2.7 image-Gflops/s at 0.0014 Gflops, 22 at
+    0.36), so one rate for all would put a grid of tiny models at a fraction of its time.
+    """
+    devices = {n: d for n, d in read_throughput(path)["devices"].items()
+               if d.get("type") == "cpu" and d.get("train_image_gflops_per_s")}
+    if not devices:
+        return DEFAULT_CPU_IMAGE_GFLOPS_PER_S
+    here = devices.get(cpu_name()) or max(devices.values(), key=lambda d: float(d["train_image_gflops_per_s"]))
+    cells = sorted((float(c["gflops"]), float(c["image_gflops_per_s"])) for c in (here.get("cells") or {}).values()
+                   if c.get("gflops") and c.get("image_gflops_per_s"))
+    if gflops is None or not cells:
         return float(here["train_image_gflops_per_s"])
-    rates = [float(d["train_image_gflops_per_s"]) for d in devices.values() if d.get("train_image_gflops_per_s")]
-    return max(rates) if rates else DEFAULT_CPU_IMAGE_GFLOPS_PER_S
+    log_g, log_rate = np.log([g for g, _ in cells]), np.log([r for _, r in cells])
+    return float(np.exp(np.interp(math.log(gflops), log_g, log_rate)))
 
 
 def cpu_name() -> str:

@@ -5,8 +5,10 @@ import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from harness import bench
 from harness.bench import cli
@@ -179,6 +181,39 @@ def test_repo_throughput_file_is_readable():
     # 256 images x 1000 steps of a 100-Gflops model at that rate
     hours = sweep.estimate_gpu_hours(100.0, 256, 1000)
     assert hours == pytest.approx(256 * 1000 / (expected / 100.0) / 3600)
+
+
+def _cpu_file(path, devices):
+    """Writes a throughput file of CPU devices {name: {label: (gflops, image_gflops_per_s)}}; the device's own
+    rate is its largest cell's, as record_throughput keeps it."""
+    data = {"plan_device": None, "devices": {
+        name: {"cells": {label: {"gflops": g, "image_gflops_per_s": r} for label, (g, r) in cells.items()},
+               "type": "cpu", "train_image_gflops_per_s": max(cells.values())[1]}
+        for name, cells in devices.items()}}
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_cpu_rate_follows_the_model_size_between_recorded_cells(tmp_path):
+    path = tmp_path / "throughput.yaml"
+    assert throughput.cpu_image_gflops_per_s(0.01, path) == throughput.DEFAULT_CPU_IMAGE_GFLOPS_PER_S  # none recorded
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        g = np.sort(10 ** rng.uniform(-4, 0, rng.integers(1, 5)))
+        r = np.sort(10 ** rng.uniform(-1, 2, len(g)))  # a CPU's rate grows with the model, as measured
+        _cpu_file(path, {throughput.cpu_name(): {f"c{i}": (float(a), float(b)) for i, (a, b) in enumerate(zip(g, r))},
+                         "a faster CPU elsewhere": {"big": (1.0, 1e4)}})
+        assert throughput.cpu_image_gflops_per_s(None, path) == pytest.approx(r[-1])  # the largest cell's
+        for gi, ri in zip(g, r):
+            assert throughput.cpu_image_gflops_per_s(float(gi), path) == pytest.approx(ri)
+        assert throughput.cpu_image_gflops_per_s(float(g[0]) / 10, path) == pytest.approx(r[0])  # held at the ends
+        assert throughput.cpu_image_gflops_per_s(float(g[-1]) * 10, path) == pytest.approx(r[-1])
+        between = float(10 ** rng.uniform(np.log10(g[0]), np.log10(g[-1])))
+        j = np.searchsorted(g, between)
+        lo, hi = (r[j - 1], r[j]) if 0 < j < len(g) else (r[0], r[0]) if j == 0 else (r[-1], r[-1])
+        assert lo * (1 - 1e-9) <= throughput.cpu_image_gflops_per_s(between, path) <= hi * (1 + 1e-9)
+    # an unrecorded processor plans at the fastest recorded CPU's cells
+    _cpu_file(path, {"one CPU": {"a": (0.001, 2.0), "b": (0.1, 20.0)}, "another": {"a": (0.001, 1.0)}})
+    assert throughput.cpu_image_gflops_per_s(0.01, path) == pytest.approx(math.sqrt(2.0 * 20.0))
 
 
 def test_plan_grid_and_output_parsing():
