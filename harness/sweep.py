@@ -182,23 +182,26 @@ def _duration(hours: float) -> str:
     return f"{hours / 24 / 365:.3g} years"
 
 
-def local_hours(rows: list[dict], states: dict[str, str], cfg: Any) -> float | None:
-    """Returns the hours the cells still to run would take on this machine's CPU, each at the rate recorded for a
-    model of its size, or None when they would not run here on a CPU (a SLURM launcher, a CUDA device) and the
-    question does not arise."""
+def local_rates(rows: list[dict], states: dict[str, str], cfg: Any) -> dict[str, float] | None:
+    """Returns {cell id: CPU training rate (image-Gflops/s) recorded for a model of its size} of the cells still to
+    run, or None when they would not run here on a CPU (a SLURM launcher, a CUDA device) and the question does
+    not arise."""
     if cfg.device == "cuda" or (cfg.device == "auto" and distributed.cuda_available()):
         return None
-    return sum(sum(hours_at(r["compute_gflops"], throughput.cpu_image_gflops_per_s(r["gflops"])).values())
-               for r in rows if r["cell_id"] not in states)
+    return {r["cell_id"]: throughput.cpu_image_gflops_per_s(r["gflops"]) for r in rows if r["cell_id"] not in states}
 
 
-def local_rates(rows: list[dict], states: dict[str, str]) -> str:
-    """Returns the CPU training rates the cells still to run are planned at, as the plan prints them."""
-    rates = sorted({float(f"{throughput.cpu_image_gflops_per_s(r['gflops']):.2g}")
-                    for r in rows if r["cell_id"] not in states})
-    if len(rates) > 1:
-        return f"{rates[0]:g} to {rates[-1]:g} image-Gflops/s of training, by model size"
-    return f"{rates[0] if rates else throughput.cpu_image_gflops_per_s():.2g} image-Gflops/s of training"
+def local_hours(rows: list[dict], rates: dict[str, float]) -> float:
+    """Returns the hours the cells of `rates` (local_rates) would take on this machine's CPU, each at its rate."""
+    return sum(sum(hours_at(r["compute_gflops"], rates[r["cell_id"]]).values()) for r in rows if r["cell_id"] in rates)
+
+
+def _rates_text(rates: dict[str, float]) -> str:
+    """Returns the CPU training rates the plan times its cells at, as the plan prints them."""
+    shown = sorted({float(f"{rate:.2g}") for rate in rates.values()})
+    if len(shown) > 1:
+        return f"{shown[0]:g} to {shown[-1]:g} image-Gflops/s of training, by model size"
+    return f"{shown[0] if shown else throughput.cpu_image_gflops_per_s():.2g} image-Gflops/s of training"
 
 
 def cell_done(cfg: Any) -> bool:
@@ -286,9 +289,10 @@ class GridSweep:
         print(f"sweep folder: {sweep_dir.resolve()}", flush=True)
         print(format_plan(rows, states, rate, notes), flush=True)
         here_cpu = _submitit_kind(self.launcher) != "slurm"  # Hydra's launcher or the local processes
-        here = local_hours(rows, states, cfgs[0][1] if cfgs else self.config) if here_cpu else None
+        rates = local_rates(rows, states, cfgs[0][1] if cfgs else self.config) if here_cpu else None
+        here = None if rates is None else local_hours(rows, rates)
         if here is not None:
-            print(f"on this machine's CPU: about {_duration(here)} (at {local_rates(rows, states)})", flush=True)
+            print(f"on this machine's CPU: about {_duration(here)} (at {_rates_text(rates)})", flush=True)
         if self.config.plan:
             return []
         if here is not None and here > LOCAL_HOURS_ASKED and not self.config.confirm_local:
@@ -432,9 +436,14 @@ def machine_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cpus_per_cell(cpus_per_task: int | None) -> int:
+    """Returns the cores each cell of the local process launcher gets: hydra.launcher.cpus_per_task, 1 if unset."""
+    return 1 if cpus_per_task is None else cpus_per_task
+
+
 def local_slots(cpus_per_task: int | None, cores: int) -> int:
     """Returns how many cells the local process launcher runs at once: each gets `cpus_per_task` of `cores`."""
-    per_cell = 1 if cpus_per_task is None else cpus_per_task
+    per_cell = cpus_per_cell(cpus_per_task)
     if not 1 <= per_cell <= cores:
         raise cli.BadInput(f"hydra.launcher.cpus_per_task={per_cell} is not a share of this machine's {cores} "
                            f"cores; allowed: 1 to {cores}")
@@ -468,7 +477,7 @@ def _launch_local(launcher, todo: list) -> list[tuple[Any, dict]]:
     """
     params = dict(launcher.params)
     at_once = local_slots(params.get("cpus_per_task"), machine_cores())  # checked before the plan was printed
-    per_cell = params.get("cpus_per_task") or 1
+    per_cell = cpus_per_cell(params.get("cpus_per_task"))
     executor = submitit.AutoExecutor(cluster="local", folder=params["submitit_folder"])
     executor.update_parameters(timeout_min=params["timeout_min"], name=params.get("name") or "cell")
     threads = {k: str(per_cell) for k in throughput.THREAD_VARS}

@@ -37,16 +37,16 @@ DESIGN_COLUMNS = (
 def _check_design(cells_per_size: Sequence[int], cell_sd: float, record_sd: float, repeats: int,
                   n_resamples: int) -> list[int]:
     """Returns `cells_per_size` as ints; ValueError naming the bad value and what is allowed."""
-    ks = [int(k) for k in np.atleast_1d(cells_per_size)]
-    if not ks or any(k < 1 or k != float(v) for k, v in zip(ks, np.atleast_1d(cells_per_size))):
-        raise ValueError(f"cells_per_size must be whole numbers >= 1, got {list(np.atleast_1d(cells_per_size))}")
+    values = np.atleast_1d(cells_per_size).tolist()
+    if not values or any(v < 1 or v != int(v) for v in values):
+        raise ValueError(f"cells_per_size must be whole numbers >= 1, got {values}")
     for name, sd in (("cell_sd", cell_sd), ("record_sd", record_sd)):
         if not (math.isfinite(sd) and 0 <= sd < 1):
             raise ValueError(f"{name} is a relative standard deviation in [0, 1), got {sd}")
     for name, n in (("repeats", repeats), ("n_resamples", n_resamples)):
         if int(n) != n or n < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {n}")
-    return ks
+    return [int(v) for v in values]
 
 
 def _one_cell_per_size(rows: pd.DataFrame) -> pd.DataFrame:

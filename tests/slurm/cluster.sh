@@ -236,32 +236,35 @@ start_slurm() {
   slurmctld
   slurmd -N "$NODE"
   wait_for "$NODE IDLE" node_idle
-  [[ -z "$RESUMED" ]] || echo "node $NODE was $RESUMED: resumed"
+  say_resumed
   wait_for sacct sacct -n -X
 }
 
 # slurmctld keeps a node's state in $DIR/state across restarts, so a node drained or downed in an earlier run
 # (a full disk, a job it could not kill, a stopped slurmd) stays so, and every job pends without an end. This
-# cluster is the tests' own: put such a node back and say so. RESUMED: the state and reason it had.
+# cluster is the tests' own: put such a node back. NODE_STATE: the node's State= as last read; RESUMED: the state
+# and reason it had when it was resumed.
+NODE_STATE=""
 RESUMED=""
 resume_drained() {
-  local show state
-  show="$(SLURM_CONF="$DIR/etc/slurm.conf" scontrol show node "$NODE")" || return 1
-  state="$(grep -oE 'State=[^ ]+' <<< "$show")"
-  case "$state" in
+  local show
+  show="$(scontrol show node "$NODE")" || return 1
+  NODE_STATE="$(grep -oE 'State=[^ ]+' <<< "$show")"
+  case "$NODE_STATE" in
     *NOT_RESPONDING*) return 1 ;;  # slurmd has not registered yet: its state is not known
     *DRAIN*|*DOWN*|*FAIL*)
-      RESUMED="${state#State=} ($(grep -oE 'Reason=.*' <<< "$show" || echo 'no reason given'))"
-      SLURM_CONF="$DIR/etc/slurm.conf" scontrol update nodename="$NODE" state=resume
+      RESUMED="${NODE_STATE#State=} ($(grep -oE 'Reason=.*' <<< "$show" || echo 'no reason given'))"
+      scontrol update nodename="$NODE" state=resume
       return 1 ;;
   esac
 }
 
+say_resumed() { [[ -z "$RESUMED" ]] || echo "node $NODE was $RESUMED: resumed"; }
+
 # Succeeds when the node is IDLE and neither drained nor down (`scontrol show node`, not `sinfo -N`, which
 # prints one line per partition); resumes a node an earlier run left drained.
 node_idle() {
-  resume_drained || return 1
-  SLURM_CONF="$DIR/etc/slurm.conf" scontrol show node "$NODE" | grep -qE 'State=IDLE( |\+)'
+  resume_drained && [[ "$NODE_STATE" =~ ^State=IDLE(\+|$) ]]
 }
 
 # A multi-task job's processes meet at the job's first node by name (torch.distributed's MASTER_ADDR comes
@@ -275,9 +278,10 @@ up() {
   local t0 reason
   t0="$(now)"
   (( EUID == 0 )) || die "up needs root: the daemons run as root and packages may need installing"
+  export SLURM_CONF="$DIR/etc/slurm.conf"
   if all_running && ports_ours > /dev/null; then
     resume_drained || true
-    [[ -z "$RESUMED" ]] || echo "node $NODE was $RESUMED: resumed"
+    say_resumed
     echo "cluster already up in $DIR (source $DIR/env.sh)"
     return 0
   fi
@@ -294,7 +298,6 @@ up() {
   install_packages
   write_configs
   resolve_node
-  export SLURM_CONF="$DIR/etc/slurm.conf"
   local t1; t1="$(now)"
   start_munge;   echo "munge up        $(elapsed "$t1") s"
   start_mariadb; echo "mariadb up      $(elapsed "$t1") s"
