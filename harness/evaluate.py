@@ -375,8 +375,7 @@ def evaluate_cell(cfg: Any, run_dir: str | Path | None = None) -> list[dict]:
     try:
         return [evaluate(cfg, s, run_dir, run) for s in eval_steps(cfg) if s in have]
     finally:
-        if run is not None:
-            run.finish()
+        tracking.close_run(run)
 
 
 def versions() -> dict:

@@ -59,6 +59,21 @@ def open_run(cfg: Any, run_dir: Path, job_type: str, run_name: str | None = None
     return run
 
 
+def close_run(run) -> None:
+    """Finishes a run and returns only once its log is on disk. wandb-core writes the log asynchronously, and
+    `run.finish()` can return first (offline, the .wandb file then held only its header in 2 of 10 tries), so a
+    stage that recorded itself finished and was then killed could lose the run's end. Tearing wandb down waits for
+    the writer; the next run of this process starts wandb again (under a second). Nothing is torn down while
+    another run of this process is still open."""
+    if run is None:
+        return
+    import wandb  # see open_run
+
+    run.finish()
+    if wandb.run is None:
+        wandb.teardown()
+
+
 def log_line(run, record: dict, section: str) -> None:
     """Logs the numbers of a metrics.jsonl line (training or validation) at its training step, under `section`'s
     panel (train/ or val/); the step, images seen and epochs stay at the top level."""
@@ -111,4 +126,4 @@ def log_results_table(cfg: Any, sweep_dir: Path, table) -> None:
                                             else str(v))
         run.log({"results": wandb.Table(dataframe=plain)})
     finally:
-        run.finish()
+        close_run(run)

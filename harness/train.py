@@ -441,8 +441,7 @@ def _loop(cfg, env, run_dir: Path, stepper: Stepper, progress: Progress, order: 
         prefetch.close()
         stop.restore()
         bar.close()
-        if run is not None:
-            run.finish()
+        tracking.close_run(run)
     return _finish(cfg, env, run_dir, progress)
 
 

@@ -56,17 +56,20 @@ def test_the_sweeps_results_table_is_logged_once_in_a_run_of_its_own(tmp_path):
     from harness.core.config import compose
     from harness.results import load_results
 
-    sweep = make_demo_sweep(tmp_path / "demo")
-    cfg = compose(["sweeps=demo", "train.wandb=offline", f"out_dir={sweep}"])
-    # as the sweep holds it: with Hydra's node, whose job number is set only inside a job
-    OmegaConf.set_struct(cfg, False)
-    cfg.hydra = {"sweep": {"subdir": "${hydra.job.num}"}, "job": {"num": "???"}}
-    table = load_results(sweep)
-    tracking.log_results_table(cfg, sweep, table)
-    (run,) = (sweep / "wandb").glob("offline-run-*")
-    got = read_wandb_run(run)
-    assert got["run"]["id"] == "demo-results" and got["run"]["group"] == "demo"
-    assert got["run"]["job_type"] == "sweep-results"
-    (row,) = [h for h in got["history"] if "results/_type" in h]
-    assert row["results/_type"] == "table-file" and row["results/nrows"] == len(table)
+    # five times: wandb writes its log asynchronously, and the log must be complete when the call returns (a
+    # plain run.finish() left only the log's header in about one call in five)
+    for i in range(5):
+        sweep = make_demo_sweep(tmp_path / f"demo{i}")
+        cfg = compose(["sweeps=demo", "train.wandb=offline", f"out_dir={sweep}"])
+        # as the sweep holds it: with Hydra's node, whose job number is set only inside a job
+        OmegaConf.set_struct(cfg, False)
+        cfg.hydra = {"sweep": {"subdir": "${hydra.job.num}"}, "job": {"num": "???"}}
+        table = load_results(sweep)
+        tracking.log_results_table(cfg, sweep, table)
+        (run,) = (sweep / "wandb").glob("offline-run-*")
+        got = read_wandb_run(run)
+        assert got["run"].get("id") == "demo-results" and got["run"]["group"] == "demo", f"call {i}: {got}"
+        assert got["run"]["job_type"] == "sweep-results"
+        (row,) = [h for h in got["history"] if "results/_type" in h]
+        assert row["results/_type"] == "table-file" and row["results/nrows"] == len(table)
     assert tracking.open_run(compose(["sweeps=demo"]), sweep, "x") is None  # the demo's train.wandb: disabled
