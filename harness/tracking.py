@@ -71,7 +71,10 @@ def close_run(run) -> None:
 
     run.finish()
     if wandb.run is None:
-        wandb.teardown()
+        try:
+            wandb.teardown()
+        except SystemExit as e:  # wandb exits the process when its service ended badly: not a reason to fail a cell
+            log.warning("wandb's service ended with exit code %s; %s's log may be incomplete", e.code, run.id)
 
 
 def log_line(run, record: dict, section: str) -> None:

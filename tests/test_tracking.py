@@ -73,3 +73,26 @@ def test_the_sweeps_results_table_is_logged_once_in_a_run_of_its_own(tmp_path):
         (row,) = [h for h in got["history"] if "results/_type" in h]
         assert row["results/_type"] == "table-file" and row["results/nrows"] == len(table)
     assert tracking.open_run(compose(["sweeps=demo"]), sweep, "x") is None  # the demo's train.wandb: disabled
+
+
+def test_a_wandb_service_that_ends_badly_does_not_end_the_process(tmp_path, monkeypatch, caplog):
+    """wandb.teardown calls sys.exit with its service's exit code when that is not 0; closing a cell's run must not
+    turn that into the end of a sweep that runs its cells in one process."""
+    import wandb
+
+    from harness import tracking
+
+    cfg = OmegaConf.create({"train": {"wandb": "offline"}, "wandb": {}, "sweep_name": "s", "seed": 0})
+    run = tracking.open_run(cfg, tmp_path, "train", run_name="cell")
+    run.log({"step": 1, "train/loss": 0.5})
+    real = wandb.teardown
+
+    def teardown_whose_service_failed(exit_code=None):
+        real(exit_code)
+        raise SystemExit(3)
+
+    monkeypatch.setattr(wandb, "teardown", teardown_whose_service_failed)
+    tracking.close_run(run)  # would raise SystemExit(3)
+    assert "exit code 3" in caplog.text and "cell" in caplog.text
+    (part,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert [h["train/loss"] for h in read_wandb_run(part)["history"] if "train/loss" in h] == [0.5]
